@@ -1,0 +1,72 @@
+"""Loading the frozen base: any Hugging Face causal LM, through ``from_pretrained``.
+
+A user's Qwen3 or Llama checkpoint and the tiny test model take exactly the same path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
+
+from hotlora.engine.errors import InvalidRequest
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``auto`` is fp32 on CPU (exact tests, no slow bf16 kernels) and bf16 on GPU."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise InvalidRequest(f"unknown dtype {dtype!r}; use auto or one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+@dataclass
+class BaseModel:
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    path: str
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model.get_input_embeddings().weight.shape[0])
+
+    @property
+    def max_positions(self) -> int:
+        return int(getattr(self.model.config, "max_position_embeddings", 1 << 30))
+
+
+def load_base_model(path: str | Path, dtype: str = "auto", device: str = "auto") -> BaseModel:
+    """Load, freeze and put in eval mode (no dropout: training noise belongs to the adapters)."""
+    path = str(path)
+    if not Path(path, "config.json").is_file():
+        raise InvalidRequest(f"{path!r} is not a Hugging Face model directory (no config.json)")
+    hf_logging.disable_progress_bar()  # an engine's logs are structured, not progress bars
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=True)
+    model.to(torch_device)
+    model.eval()
+    model.requires_grad_(False)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return BaseModel(model=model, tokenizer=tokenizer, path=path, device=torch_device, dtype=torch_dtype)

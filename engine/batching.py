@@ -1,0 +1,159 @@
+"""Packing ``forward_backward`` calls of many adapters into mixed micro-batches, and back.
+
+A micro-batch is a right-padded ``[rows, width]`` block whose rows come from any adapters; its cost
+is ``rows * width`` padded tokens, which the token budget bounds. Rows are ordered by adapter slot so
+that each adapter's rows form one contiguous run for the LoRA layers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from hotlora.engine.losses import LossInputs
+from hotlora.engine.types import Datum, ForwardBackwardCall, ForwardBackwardOutput
+
+
+@dataclass(frozen=True)
+class RowRef:
+    call_index: int
+    datum_index: int
+    slot: int
+    length: int
+
+
+@dataclass
+class MicroBatch:
+    rows: list[RowRef]
+    width: int
+
+    @property
+    def padded_tokens(self) -> int:
+        return len(self.rows) * self.width
+
+    @property
+    def slots(self) -> list[int]:
+        return [row.slot for row in self.rows]
+
+
+def pack_forward_backward(
+    calls: Sequence[ForwardBackwardCall], slots: Mapping[str, int], token_budget: int
+) -> list[MicroBatch]:
+    """Greedy first-come packing under ``token_budget`` padded tokens per micro-batch.
+
+    A datum longer than the whole budget still runs, alone in its own micro-batch: refusing it
+    would make the budget a hard cap on sequence length, which is the model's job, not the packer's.
+    """
+    if token_budget < 1:
+        raise ValueError(f"token_budget must be positive, got {token_budget}")
+    batches: list[MicroBatch] = []
+    current: list[RowRef] = []
+    width = 0
+    for call_index, call in enumerate(calls):
+        slot = slots[call.adapter_id]
+        for datum_index, datum in enumerate(call.datums):
+            row = RowRef(call_index, datum_index, slot, len(datum))
+            new_width = max(width, row.length)
+            if current and (len(current) + 1) * new_width > token_budget:
+                batches.append(_close(current, width))
+                current, new_width = [], row.length
+            current.append(row)
+            width = new_width
+    if current:
+        batches.append(_close(current, width))
+    return batches
+
+
+def _close(rows: list[RowRef], width: int) -> MicroBatch:
+    return MicroBatch(rows=sorted(rows, key=lambda r: r.slot), width=width)
+
+
+@dataclass
+class CollatedBatch:
+    """Tensors of one micro-batch, plus which rows use which (loss_fn, loss_config)."""
+
+    input_ids: torch.Tensor
+    target_ids: torch.Tensor
+    weights: torch.Tensor
+    sampler_logprobs: torch.Tensor
+    advantages: torch.Tensor
+    has_rl_fields: torch.Tensor
+    loss_groups: dict[tuple[str, tuple[tuple[str, float], ...]], list[int]] = field(default_factory=dict)
+
+    def loss_inputs(self, rows: list[int], target_logprobs: torch.Tensor) -> LossInputs:
+        index = torch.tensor(rows, dtype=torch.long, device=target_logprobs.device)
+        rl_ok = bool(self.has_rl_fields[index].all())
+        return LossInputs(
+            target_logprobs=target_logprobs.index_select(0, index),
+            weights=self.weights.index_select(0, index),
+            sampler_logprobs=self.sampler_logprobs.index_select(0, index) if rl_ok else None,
+            advantages=self.advantages.index_select(0, index) if rl_ok else None,
+        )
+
+
+def collate(batch: MicroBatch, calls: Sequence[ForwardBackwardCall], device: torch.device) -> CollatedBatch:
+    n, width = len(batch.rows), batch.width
+    input_ids = torch.zeros(n, width, dtype=torch.long)
+    target_ids = torch.zeros(n, width, dtype=torch.long)
+    weights = torch.zeros(n, width)
+    sampler_logprobs = torch.zeros(n, width)
+    advantages = torch.zeros(n, width)
+    has_rl = torch.zeros(n, dtype=torch.bool)
+    groups: dict[tuple[str, tuple[tuple[str, float], ...]], list[int]] = {}
+    for i, row in enumerate(batch.rows):
+        call = calls[row.call_index]
+        datum: Datum = call.datums[row.datum_index]
+        length = row.length
+        input_ids[i, :length] = datum.input_tokens
+        target_ids[i, :length] = datum.target_tokens
+        weights[i, :length] = datum.weights
+        if datum.logprobs is not None and datum.advantages is not None:
+            sampler_logprobs[i, :length] = datum.logprobs
+            advantages[i, :length] = datum.advantages
+            has_rl[i] = True
+        key = (call.loss_fn, tuple(sorted((k, float(v)) for k, v in call.loss_config.items())))
+        groups.setdefault(key, []).append(i)
+    return CollatedBatch(
+        input_ids=input_ids.to(device),
+        target_ids=target_ids.to(device),
+        weights=weights.to(device),
+        sampler_logprobs=sampler_logprobs.to(device),
+        advantages=advantages.to(device),
+        has_rl_fields=has_rl,
+        loss_groups=groups,
+    )
+
+
+class ResultAssembler:
+    """Collects per-row results from micro-batches back into one output per call."""
+
+    def __init__(self, calls: Sequence[ForwardBackwardCall]) -> None:
+        self.calls = calls
+        self._losses: list[list[float | None]] = [[None] * len(c.datums) for c in calls]
+        self._logprobs: list[list[torch.Tensor | None]] = [[None] * len(c.datums) for c in calls]
+
+    def add(self, batch: MicroBatch, row_losses: torch.Tensor, target_logprobs: torch.Tensor) -> None:
+        losses = row_losses.detach().cpu().tolist()
+        logprobs = target_logprobs.detach().cpu()
+        for i, row in enumerate(batch.rows):
+            self._losses[row.call_index][row.datum_index] = float(losses[i])
+            self._logprobs[row.call_index][row.datum_index] = logprobs[i, : row.length].clone()
+
+    def outputs(self) -> list[ForwardBackwardOutput]:
+        outputs = []
+        for index, call in enumerate(self.calls):
+            losses = self._losses[index]
+            logprobs = self._logprobs[index]
+            if any(x is None for x in losses):
+                raise RuntimeError(f"call {index} ({call.adapter_id}) is missing rows after packing")
+            outputs.append(
+                ForwardBackwardOutput(
+                    adapter_id=call.adapter_id,
+                    losses=[float(x) for x in losses if x is not None],
+                    logprobs=[t for t in logprobs if t is not None],
+                    num_tokens=sum(len(d) for d in call.datums),
+                )
+            )
+        return outputs

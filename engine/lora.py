@@ -1,0 +1,240 @@
+"""The multi-adapter LoRA layer: one pass over the frozen base serves rows of many adapters.
+
+Every row (sequence) of a batch carries an adapter slot index (``-1`` = plain base). Before a
+forward the model runner publishes a ``LoraBatch``: the runs of consecutive rows that share a slot.
+Each ``MultiLoRALinear`` computes ``base(x)`` once for all rows, then adds each run's low-rank delta
+``scale * (x @ A.T) @ B.T``, either with one segment matmul per run (``segment``) or with
+``torch._grouped_mm`` over all runs at once (``grouped``, where the device and dtype support it).
+The base weights are never copied per adapter.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from hotlora.engine.errors import InvalidRequest
+from hotlora.engine.types import TARGET_PRESETS, LoraSpec
+
+ALL_TARGETS: frozenset[str] = frozenset(TARGET_PRESETS["all-linear"])
+
+
+@dataclass
+class LoraPair:
+    """One module's factors in PEFT layout: ``A`` is ``[rank, in]``, ``B`` is ``[out, rank]``."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    scale: float
+
+
+@dataclass(frozen=True)
+class Run:
+    """Rows ``[start, end)`` of the batch all use adapter ``slot`` (``-1``: base only)."""
+
+    slot: int
+    start: int
+    end: int
+
+
+@dataclass
+class LoraBatch:
+    """What the layers need to know about the current batch: its runs of same-adapter rows."""
+
+    runs: list[Run]
+    num_rows: int
+
+    @classmethod
+    def from_slots(cls, slots: Sequence[int]) -> LoraBatch:
+        runs: list[Run] = []
+        start = 0
+        for i in range(1, len(slots) + 1):
+            if i == len(slots) or slots[i] != slots[start]:
+                runs.append(Run(int(slots[start]), start, i))
+                start = i
+        return cls(runs=runs, num_rows=len(slots))
+
+
+@dataclass
+class LoraContext:
+    """Shared by all layers of one model: the active batch and the compute backend."""
+
+    backend: str = "auto"  # auto | segment | grouped | reference
+    batch: LoraBatch | None = None
+    layers: dict[str, MultiLoRALinear] = field(default_factory=dict)
+
+
+def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    """``torch._grouped_mm`` runs on CUDA (bf16) and, in torch 2.13, on CPU for bf16 only."""
+    return hasattr(torch, "_grouped_mm") and dtype == torch.bfloat16 and device.type in ("cpu", "cuda")
+
+
+class MultiLoRALinear(nn.Module):
+    """A frozen ``nn.Linear`` plus a table of adapter slots, each with its own rank and scale."""
+
+    def __init__(self, base: nn.Linear, name: str, context: LoraContext) -> None:
+        super().__init__()
+        self.base = base
+        self.name = name
+        self.suffix = name.rsplit(".", 1)[-1]
+        self.context = context
+        # Tensors are owned by the adapter objects; the layer only indexes them by slot.
+        self.slots: dict[int, LoraPair] = {}
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    def attach(self, slot: int, pair: LoraPair) -> None:
+        self.slots[slot] = pair
+
+    def detach_slot(self, slot: int) -> None:
+        self.slots.pop(slot, None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        batch = self.context.batch
+        if batch is None or not self.slots:
+            return out
+        active = [run for run in batch.runs if run.slot in self.slots]
+        if not active:
+            return out
+        if x.shape[0] != batch.num_rows:
+            raise RuntimeError(f"{self.name}: batch has {x.shape[0]} rows, LoraBatch says {batch.num_rows}")
+        backend = self.context.backend
+        lora_dtype = self.slots[active[0].slot].A.dtype
+        if backend == "auto":
+            backend = "grouped" if grouped_mm_supported(x.device, lora_dtype) and len(active) > 1 else "segment"
+        if backend == "reference":
+            return out + self._delta_reference(x, active).to(out.dtype)
+        if backend == "grouped":
+            return out + self._delta_grouped(x, batch.runs).to(out.dtype)
+        return self._add_delta_segments(out, x, active)
+
+    def _add_delta_segments(self, out: torch.Tensor, x: torch.Tensor, active: list[Run]) -> torch.Tensor:
+        """One pair of small matmuls per run of same-adapter rows; rows of other runs untouched."""
+        pieces: list[torch.Tensor] = []
+        cursor = 0
+        for run in active:
+            if run.start > cursor:
+                pieces.append(out[cursor : run.start])
+            pair = self.slots[run.slot]
+            xs = x[run.start : run.end].to(pair.A.dtype)
+            delta = (xs @ pair.A.t()) @ pair.B.t()
+            pieces.append(out[run.start : run.end] + (delta * pair.scale).to(out.dtype))
+            cursor = run.end
+        if cursor < out.shape[0]:
+            pieces.append(out[cursor:])
+        return torch.cat(pieces, dim=0) if len(pieces) > 1 else pieces[0]
+
+    def _delta_grouped(self, x: torch.Tensor, runs: list[Run]) -> torch.Tensor:
+        """All runs in two grouped GEMMs; ranks are zero-padded to the largest, which adds nothing."""
+        lead = x.shape[1:-1]
+        rows_per = math.prod(lead) if lead else 1
+        flat = x.reshape(-1, x.shape[-1])
+        pairs = [self.slots.get(run.slot) for run in runs]
+        present = [p for p in pairs if p is not None]
+        dtype, device = present[0].A.dtype, present[0].A.device
+        r_max = max(p.A.shape[0] for p in present)
+        a_stack, b_stack = [], []
+        for pair in pairs:
+            if pair is None:
+                a_stack.append(torch.zeros(self.in_features, r_max, dtype=dtype, device=device))
+                b_stack.append(torch.zeros(r_max, self.out_features, dtype=dtype, device=device))
+                continue
+            pad = r_max - pair.A.shape[0]
+            a_t = pair.A.t() * pair.scale
+            b_t = pair.B.t()
+            if pad:
+                a_t = torch.nn.functional.pad(a_t, (0, pad))
+                b_t = torch.nn.functional.pad(b_t, (0, 0, 0, pad))
+            a_stack.append(a_t)
+            b_stack.append(b_t)
+        offs = torch.tensor([run.end * rows_per for run in runs], dtype=torch.int32, device=device)
+        xs = flat.to(dtype)
+        hidden = torch._grouped_mm(xs, torch.stack(a_stack), offs=offs)
+        delta = torch._grouped_mm(hidden, torch.stack(b_stack), offs=offs)
+        return delta.reshape(*x.shape[:-1], self.out_features)
+
+    def _delta_reference(self, x: torch.Tensor, active: list[Run]) -> torch.Tensor:
+        """The plain path for tests: a full-batch delta per adapter, masked to its rows."""
+        pair0 = self.slots[active[0].slot]
+        delta = torch.zeros(*x.shape[:-1], self.out_features, dtype=pair0.A.dtype, device=x.device)
+        for run in active:
+            pair = self.slots[run.slot]
+            mask = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+            mask[run.start : run.end] = True
+            full = (x.to(pair.A.dtype) @ pair.A.t()) @ pair.B.t() * pair.scale
+            shape = (x.shape[0],) + (1,) * (x.dim() - 1)
+            delta = delta + torch.where(mask.view(shape), full, torch.zeros_like(full))
+        return delta
+
+
+def inject_multi_lora(model: nn.Module, backend: str = "auto") -> LoraContext:
+    """Replace every attention/MLP ``nn.Linear`` inside the decoder with a ``MultiLoRALinear``.
+
+    All candidate modules are wrapped once at load time; each adapter then attaches only to the
+    modules in its own target set.
+    """
+    if backend not in ("auto", "segment", "grouped", "reference"):
+        raise InvalidRequest(f"unknown LoRA backend {backend!r}")
+    context = LoraContext(backend=backend)
+    targets = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in ALL_TARGETS
+    ]
+    if not targets:
+        raise InvalidRequest("the base model has no q/k/v/o/gate/up/down_proj linear modules to adapt")
+    for name, module in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        wrapped = MultiLoRALinear(module, name, context)
+        setattr(parent, child, wrapped)
+        context.layers[name] = wrapped
+    return context
+
+
+def init_lora_pairs(
+    context: LoraContext, spec: LoraSpec, device: torch.device, dtype: torch.dtype = torch.float32
+) -> dict[str, LoraPair]:
+    """PEFT's initialisation (A kaiming-uniform with a=sqrt(5), B zero), drawn from the adapter's seed."""
+    wanted = set(spec.target_modules())
+    unknown = wanted - {layer.suffix for layer in context.layers.values()}
+    if unknown:
+        raise InvalidRequest(f"target modules {sorted(unknown)} do not exist in the base model")
+    generator = torch.Generator(device="cpu").manual_seed(spec.seed)
+    pairs: dict[str, LoraPair] = {}
+    for name, layer in context.layers.items():
+        if layer.suffix not in wanted:
+            continue
+        a = torch.empty(spec.rank, layer.in_features, dtype=torch.float32)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
+        b = torch.zeros(layer.out_features, spec.rank, dtype=torch.float32)
+        pairs[name] = LoraPair(
+            A=a.to(device=device, dtype=dtype).requires_grad_(True),
+            B=b.to(device=device, dtype=dtype).requires_grad_(True),
+            scale=spec.scale,
+        )
+    return pairs
+
+
+@contextmanager
+def lora_batch(context: LoraContext, slots: Sequence[int]) -> Iterator[LoraBatch]:
+    """Publish the batch's row-to-adapter map to every layer for the duration of one forward."""
+    batch = LoraBatch.from_slots(list(slots))
+    previous = context.batch
+    context.batch = batch
+    try:
+        yield batch
+    finally:
+        context.batch = previous

@@ -1,0 +1,56 @@
+"""Brief pretraining of the tiny base on the synthetic corpus, so RL starts from a non-trivial policy."""
+
+from __future__ import annotations
+
+import torch
+from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
+
+from hotlora.engine.corpus import examples, render
+from hotlora.engine.tiny_model import ProgressFn, TinyModelRecipe
+
+
+def encode_batch(texts: list[str], tokenizer: PreTrainedTokenizerBase) -> tuple[torch.Tensor, torch.Tensor]:
+    """``<s> text </s>`` rows, right-padded; labels are -100 on padding."""
+    rows = [[tokenizer.bos_token_id, *tokenizer.encode(t, add_special_tokens=False), tokenizer.eos_token_id] for t in texts]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row)
+        labels[i, : len(row)] = torch.tensor(row)
+    return ids, labels
+
+
+def pretrain(
+    model: LlamaForCausalLM,
+    tokenizer: PreTrainedTokenizerBase,
+    recipe: TinyModelRecipe,
+    progress: ProgressFn | None = None,
+) -> list[float]:
+    """AdamW with linear warmup and cosine decay; returns the loss per step."""
+    torch.manual_seed(recipe.seed)
+    stream = examples(seed=recipe.seed + 1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.pretrain_lr, weight_decay=0.01, betas=(0.9, 0.95))
+    warmup = max(1, recipe.pretrain_steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: min(1.0, (step + 1) / warmup)
+        * 0.5
+        * (1 + torch.cos(torch.tensor(torch.pi * step / recipe.pretrain_steps)).item()),
+    )
+    model.train()
+    losses: list[float] = []
+    for step in range(recipe.pretrain_steps):
+        texts = [render(next(stream)) for _ in range(recipe.pretrain_batch_size)]
+        ids, labels = encode_batch(texts, tokenizer)
+        loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss))
+        if progress is not None:
+            progress(step + 1, recipe.pretrain_steps, losses[-1])
+    model.eval()
+    return losses

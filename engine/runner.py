@@ -1,0 +1,240 @@
+"""The model runner: the only code that touches the model, its adapters and their optimizers.
+
+It knows nothing of queues, tenants' fairness or sockets; the engine loop (Engine core II) asks it
+to run one micro-batch or one optimizer step at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from hotlora.engine.adapters import Adapter, AdapterRegistry
+from hotlora.engine.base_model import BaseModel, load_base_model
+from hotlora.engine.batching import MicroBatch, ResultAssembler, collate, pack_forward_backward
+from hotlora.engine.checkpoint import LoadedAdapter, load_checkpoint, peft_key, save_checkpoint
+from hotlora.engine.errors import CheckpointError, HotLoraError, InvalidRequest
+from hotlora.engine.lora import inject_multi_lora, lora_batch
+from hotlora.engine.losses import compute_loss, validate_loss_config
+from hotlora.engine.types import (
+    AdamParams,
+    Datum,
+    ForwardBackwardCall,
+    ForwardBackwardOutput,
+    LoraSpec,
+    OptimStepOutput,
+)
+
+RL_LOSSES = frozenset({"importance_sampling", "ppo", "cispo"})
+
+
+@dataclass
+class RunnerConfig:
+    """Knobs of the model runner. ``token_budget`` caps padded tokens per micro-batch."""
+
+    token_budget: int = 8192
+    lora_backend: str = "auto"
+    max_adapters: int = 64
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    adapter_id: str
+    slot: int
+    rank: int
+    alpha: float
+    targets: tuple[str, ...]
+    version: int
+    num_parameters: int
+
+
+class ModelRunner:
+    def __init__(self, base: BaseModel, config: RunnerConfig | None = None) -> None:
+        self.base = base
+        self.config = config or RunnerConfig()
+        self.model = base.model
+        self.lora = inject_multi_lora(self.model, self.config.lora_backend)
+        self.adapters = AdapterRegistry(self.lora, base.device, self.config.max_adapters)
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path, dtype: str = "auto", device: str = "auto", config: RunnerConfig | None = None
+    ) -> ModelRunner:
+        return cls(load_base_model(path, dtype=dtype, device=device), config)
+
+    @property
+    def device(self) -> torch.device:
+        return self.base.device
+
+    # ----- adapter lifecycle -----
+
+    def create_adapter(self, adapter_id: str, spec: LoraSpec | None = None) -> Adapter:
+        return self.adapters.create(adapter_id, spec or LoraSpec())
+
+    def delete_adapter(self, adapter_id: str) -> None:
+        self.adapters.delete(adapter_id)
+
+    def list_adapters(self) -> list[AdapterInfo]:
+        return [
+            AdapterInfo(
+                adapter_id=a.adapter_id,
+                slot=a.slot,
+                rank=a.spec.rank,
+                alpha=a.spec.alpha,
+                targets=a.spec.target_modules(),
+                version=a.version,
+                num_parameters=a.num_parameters(),
+            )
+            for a in self.adapters.list()
+        ]
+
+    # ----- training -----
+
+    def forward_backward(
+        self,
+        adapter_id: str,
+        datums: Sequence[Datum],
+        loss_fn: str = "cross_entropy",
+        loss_config: dict[str, float] | None = None,
+    ) -> ForwardBackwardOutput:
+        call = ForwardBackwardCall(adapter_id, list(datums), loss_fn, dict(loss_config or {}))
+        result = self.forward_backward_many([call])[0]
+        if isinstance(result, HotLoraError):
+            raise result
+        return result
+
+    def forward_backward_many(
+        self, calls: Sequence[ForwardBackwardCall]
+    ) -> list[ForwardBackwardOutput | HotLoraError]:
+        """Run many adapters' calls in shared micro-batches; a bad call fails alone."""
+        results: list[ForwardBackwardOutput | HotLoraError | None] = [None] * len(calls)
+        valid: list[int] = []
+        for index, call in enumerate(calls):
+            try:
+                self.validate_call(call)
+                valid.append(index)
+            except HotLoraError as err:
+                results[index] = err
+        good_calls = [calls[i] for i in valid]
+        for index, output in zip(valid, self.run_calls(good_calls), strict=True):
+            results[index] = output
+        return [r for r in results if r is not None]
+
+    def validate_call(self, call: ForwardBackwardCall) -> None:
+        self.adapters.get(call.adapter_id)
+        validate_loss_config(call.loss_fn, call.loss_config)
+        vocab, max_len = self.base.vocab_size, self.base.max_positions
+        for i, datum in enumerate(call.datums):
+            datum.validate()
+            if len(datum) > max_len:
+                raise InvalidRequest(f"datum {i} has {len(datum)} tokens; the model takes at most {max_len}")
+            top = int(max(datum.input_tokens.max(), datum.target_tokens.max()))
+            if top >= vocab:
+                raise InvalidRequest(f"datum {i} has token id {top}, outside the vocabulary of {vocab}")
+            if call.loss_fn in RL_LOSSES and (datum.logprobs is None or datum.advantages is None):
+                raise InvalidRequest(f"datum {i}: {call.loss_fn!r} needs sampler logprobs and advantages")
+
+    def run_calls(self, calls: Sequence[ForwardBackwardCall]) -> list[ForwardBackwardOutput]:
+        if not calls:
+            return []
+        slots = {call.adapter_id: self.adapters.get(call.adapter_id).slot for call in calls}
+        assembler = ResultAssembler(calls)
+        for batch in pack_forward_backward(calls, slots, self.config.token_budget):
+            row_losses, target_logprobs = self.run_micro_batch(batch, calls)
+            assembler.add(batch, row_losses, target_logprobs)
+        return assembler.outputs()
+
+    def run_micro_batch(
+        self, batch: MicroBatch, calls: Sequence[ForwardBackwardCall]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One forward and one backward over rows of many adapters; gradients accumulate per adapter."""
+        tensors = collate(batch, calls, self.device)
+        with lora_batch(self.lora, batch.slots):
+            # Right padding with a causal mask: real tokens never attend to the padding after them.
+            logits = self.model(input_ids=tensors.input_ids, use_cache=False).logits
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        target_logprobs = logprobs.gather(-1, tensors.target_ids.unsqueeze(-1)).squeeze(-1)
+        row_losses = torch.zeros(len(batch.rows), device=self.device)
+        for (loss_fn, config_items), rows in tensors.loss_groups.items():
+            losses = compute_loss(loss_fn, tensors.loss_inputs(rows, target_logprobs), dict(config_items))
+            row_losses = row_losses.index_put((torch.tensor(rows, device=self.device),), losses)
+        row_losses.sum().backward()
+        return row_losses.detach(), target_logprobs.detach()
+
+    def optim_step(self, adapter_id: str, params: AdamParams | None = None) -> OptimStepOutput:
+        adapter = self.adapters.get(adapter_id)
+        norm = adapter.optimizer.step(params or AdamParams())
+        adapter.version += 1
+        return OptimStepOutput(adapter_id=adapter_id, version=adapter.version, grad_norm=norm)
+
+    # ----- inference helper -----
+
+    @torch.no_grad()
+    def logits(self, input_ids: torch.Tensor, adapter_ids: Sequence[str | None]) -> torch.Tensor:
+        """Full-sequence logits, each row under its own adapter (``None``: the plain base)."""
+        slots = [-1 if a is None else self.adapters.get(a).slot for a in adapter_ids]
+        with lora_batch(self.lora, slots):
+            return self.model(input_ids=input_ids.to(self.device), use_cache=False).logits
+
+    # ----- checkpoints -----
+
+    def save_state(self, adapter_id: str, path: str | Path, include_optimizer: bool = True) -> Path:
+        """PEFT weights plus (by default) everything needed to resume training exactly."""
+        adapter = self.adapters.get(adapter_id)
+        moments = None
+        if include_optimizer:
+            raw = adapter.optimizer.moments()
+            keys = [peft_key(name, which) for name in sorted(adapter.pairs) for which in ("A", "B")]
+            moments = dict(zip(keys, raw, strict=True)) if raw is not None else None
+        loaded = LoadedAdapter(
+            spec=adapter.spec,
+            weights={name: (pair.A, pair.B) for name, pair in adapter.pairs.items()},
+            version=adapter.version,
+            moments=moments,
+            rng_state=adapter.generator.get_state() if include_optimizer else None,
+            adam_params=adapter.optimizer.last_params,
+        )
+        return save_checkpoint(path, adapter_id, loaded, self.base.path)
+
+    def save_weights(self, adapter_id: str, path: str | Path) -> Path:
+        """Weights only, in PEFT format: what a sampler or ``PeftModel.from_pretrained`` needs."""
+        return self.save_state(adapter_id, path, include_optimizer=False)
+
+    def load_state(self, adapter_id: str, path: str | Path) -> Adapter:
+        """Create (or replace) ``adapter_id`` from a checkpoint; optimizer state is restored when present."""
+        loaded = load_checkpoint(path)
+        if adapter_id in self.adapters:
+            self.adapters.delete(adapter_id)
+        adapter = self.adapters.create(adapter_id, loaded.spec)
+        try:
+            self._restore(adapter, loaded, Path(path))
+        except Exception:
+            self.adapters.delete(adapter_id)
+            raise
+        return adapter
+
+    def _restore(self, adapter: Adapter, loaded: LoadedAdapter, path: Path) -> None:
+        if set(loaded.weights) != set(adapter.pairs):
+            missing = sorted(set(adapter.pairs) - set(loaded.weights))
+            extra = sorted(set(loaded.weights) - set(adapter.pairs))
+            raise CheckpointError(f"{path}: weights do not match the base model (missing {missing[:3]}, extra {extra[:3]})")
+        with torch.no_grad():
+            for name, (a, b) in loaded.weights.items():
+                pair = adapter.pairs[name]
+                if a.shape != pair.A.shape or b.shape != pair.B.shape:
+                    raise CheckpointError(
+                        f"{path}: {name} has shapes {tuple(a.shape)}/{tuple(b.shape)}, "
+                        f"expected {tuple(pair.A.shape)}/{tuple(pair.B.shape)}"
+                    )
+                pair.A.copy_(a)
+                pair.B.copy_(b)
+        adapter.version = loaded.version
+        if loaded.moments is not None:
+            keys = [peft_key(name, which) for name in sorted(adapter.pairs) for which in ("A", "B")]
+            adapter.optimizer.load_moments([loaded.moments[k] for k in keys])
+        adapter.optimizer.last_params = loaded.adam_params
+        if loaded.rng_state is not None:
+            adapter.generator.set_state(loaded.rng_state)

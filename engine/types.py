@@ -1,0 +1,189 @@
+"""Plain data types of the engine core, named after the Tinker API's vocabulary.
+
+These are the in-process shapes; ``hotlora.schemas`` maps the wire messages onto them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from hotlora.engine.errors import InvalidRequest
+
+LossName = Literal["cross_entropy", "importance_sampling", "ppo", "cispo"]
+LOSS_NAMES: tuple[str, ...] = ("cross_entropy", "importance_sampling", "ppo", "cispo")
+
+ATTENTION_MODULES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_MODULES: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
+TARGET_PRESETS: dict[str, tuple[str, ...]] = {
+    "attention": ATTENTION_MODULES,
+    "mlp": MLP_MODULES,
+    "all-linear": ATTENTION_MODULES + MLP_MODULES,
+}
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """One adapter's shape: its own rank, alpha and target set, so heterogeneous adapters mix."""
+
+    rank: int = 16
+    alpha: float = 32.0
+    targets: str | tuple[str, ...] = "all-linear"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rank, int) or self.rank < 1:
+            raise InvalidRequest(f"LoRA rank must be a positive integer, got {self.rank!r}")
+        if self.alpha <= 0:
+            raise InvalidRequest(f"LoRA alpha must be positive, got {self.alpha!r}")
+        self.target_modules()  # validate early
+
+    @property
+    def scale(self) -> float:
+        return float(self.alpha) / self.rank
+
+    def target_modules(self) -> tuple[str, ...]:
+        """Module-name suffixes (``q_proj``, ...) this adapter wraps."""
+        if isinstance(self.targets, str):
+            if self.targets not in TARGET_PRESETS:
+                raise InvalidRequest(
+                    f"unknown target preset {self.targets!r}; use one of {sorted(TARGET_PRESETS)} "
+                    "or a list of module names"
+                )
+            return TARGET_PRESETS[self.targets]
+        names = tuple(self.targets)
+        if not names:
+            raise InvalidRequest("an adapter needs at least one target module")
+        return names
+
+
+@dataclass(frozen=True)
+class AdamParams:
+    """AdamW settings of one ``optim_step``; the defaults are the Tinker SDK's."""
+
+    learning_rate: float = 1e-4
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-12
+    weight_decay: float = 0.0
+    grad_clip_norm: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.learning_rate >= 0:
+            raise InvalidRequest(f"learning_rate must be >= 0, got {self.learning_rate!r}")
+        for name in ("beta1", "beta2"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise InvalidRequest(f"{name} must lie in [0, 1), got {value!r}")
+        if not self.eps > 0:
+            raise InvalidRequest(f"eps must be > 0, got {self.eps!r}")
+        if not self.weight_decay >= 0:
+            raise InvalidRequest(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if not self.grad_clip_norm >= 0:
+            raise InvalidRequest(f"grad_clip_norm must be >= 0 (0 disables), got {self.grad_clip_norm!r}")
+
+
+def _as_tensor(values: Sequence[float] | torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if isinstance(values, torch.Tensor):
+        return values.detach().to(dtype=dtype, device="cpu").reshape(-1)
+    return torch.tensor(list(values), dtype=dtype)
+
+
+@dataclass
+class Datum:
+    """One training sequence.
+
+    ``input_tokens[t]`` predicts ``target_tokens[t]`` with weight ``weights[t]``. RL losses also read
+    the sampler's per-token ``logprobs`` and per-token ``advantages``.
+    """
+
+    input_tokens: torch.Tensor
+    target_tokens: torch.Tensor
+    weights: torch.Tensor
+    logprobs: torch.Tensor | None = None
+    advantages: torch.Tensor | None = None
+
+    @classmethod
+    def create(
+        cls,
+        input_tokens: Sequence[int] | torch.Tensor,
+        target_tokens: Sequence[int] | torch.Tensor,
+        weights: Sequence[float] | torch.Tensor | None = None,
+        logprobs: Sequence[float] | torch.Tensor | None = None,
+        advantages: Sequence[float] | torch.Tensor | None = None,
+    ) -> Datum:
+        inputs = _as_tensor(input_tokens, torch.long)
+        targets = _as_tensor(target_tokens, torch.long)
+        n = inputs.numel()
+        w = torch.ones(n) if weights is None else _as_tensor(weights, torch.float32)
+        datum = cls(
+            input_tokens=inputs,
+            target_tokens=targets,
+            weights=w,
+            logprobs=None if logprobs is None else _as_tensor(logprobs, torch.float32),
+            advantages=None if advantages is None else _as_tensor(advantages, torch.float32),
+        )
+        datum.validate()
+        return datum
+
+    @classmethod
+    def from_sequence(cls, tokens: Sequence[int], prompt_len: int = 0) -> Datum:
+        """Next-token datum over ``tokens``; the first ``prompt_len`` tokens carry no loss."""
+        if len(tokens) < 2:
+            raise InvalidRequest("a training sequence needs at least two tokens")
+        weights = [0.0 if i + 1 < prompt_len else 1.0 for i in range(len(tokens) - 1)]
+        return cls.create(tokens[:-1], tokens[1:], weights)
+
+    def __len__(self) -> int:
+        return int(self.input_tokens.numel())
+
+    def validate(self) -> None:
+        n = len(self)
+        if n == 0:
+            raise InvalidRequest("a datum needs at least one input token")
+        for name in ("target_tokens", "weights", "logprobs", "advantages"):
+            value = getattr(self, name)
+            if value is not None and value.numel() != n:
+                raise InvalidRequest(f"datum {name} has {value.numel()} entries, input_tokens has {n}")
+        if self.input_tokens.min() < 0 or self.target_tokens.min() < 0:
+            raise InvalidRequest("token ids must be non-negative")
+
+
+@dataclass
+class ForwardBackwardCall:
+    """One adapter's ``forward_backward`` request: datums, a loss and its settings."""
+
+    adapter_id: str
+    datums: list[Datum]
+    loss_fn: str = "cross_entropy"
+    loss_config: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.loss_fn not in LOSS_NAMES:
+            raise InvalidRequest(f"unknown loss_fn {self.loss_fn!r}; use one of {list(LOSS_NAMES)}")
+        if not self.datums:
+            raise InvalidRequest("forward_backward needs at least one datum")
+
+
+@dataclass
+class ForwardBackwardOutput:
+    """Per-datum losses and per-token target logprobs, in the order of the call's datums."""
+
+    adapter_id: str
+    losses: list[float]
+    logprobs: list[torch.Tensor]
+    num_tokens: int
+
+    @property
+    def loss(self) -> float:
+        return float(sum(self.losses))
+
+
+@dataclass
+class OptimStepOutput:
+    adapter_id: str
+    version: int
+    grad_norm: float
