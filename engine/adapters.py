@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from hotlora.engine.checkpoint import peft_key
 from hotlora.engine.errors import AdapterExists, CapacityExceeded, InvalidRequest, UnknownAdapter
 from hotlora.engine.lora import LoraContext, LoraPair, init_lora_pairs
 from hotlora.engine.optim import AdapterOptimizer
@@ -37,6 +38,11 @@ class Adapter:
 def ordered_parameters(pairs: dict[str, LoraPair]) -> list[torch.Tensor]:
     """A and B of every targeted module in a fixed order (module name, then A before B)."""
     return [t for name in sorted(pairs) for t in (pairs[name].A, pairs[name].B)]
+
+
+def ordered_parameter_keys(pairs: dict[str, LoraPair]) -> list[str]:
+    """PEFT state-dict keys of ``ordered_parameters``, in the same order."""
+    return [peft_key(name, which) for name in sorted(pairs) for which in ("A", "B")]
 
 
 def validate_adapter_id(adapter_id: str) -> None:

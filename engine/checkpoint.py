@@ -65,7 +65,9 @@ def _commit_dir(tmp: Path, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def write_peft(tmp: Path, spec: LoraSpec, weights: dict[str, tuple[torch.Tensor, torch.Tensor]], base_path: str) -> None:
+def write_peft(
+    tmp: Path, spec: LoraSpec, weights: dict[str, tuple[torch.Tensor, torch.Tensor]], base_path: str
+) -> None:
     config = LoraConfig(
         r=spec.rank,
         lora_alpha=spec.alpha,

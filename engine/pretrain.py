@@ -11,7 +11,9 @@ from hotlora.engine.tiny_model import ProgressFn, TinyModelRecipe
 
 def encode_batch(texts: list[str], tokenizer: PreTrainedTokenizerBase) -> tuple[torch.Tensor, torch.Tensor]:
     """``<s> text </s>`` rows, right-padded; labels are -100 on padding."""
-    rows = [[tokenizer.bos_token_id, *tokenizer.encode(t, add_special_tokens=False), tokenizer.eos_token_id] for t in texts]
+    rows = [
+        [tokenizer.bos_token_id, *tokenizer.encode(t, add_special_tokens=False), tokenizer.eos_token_id] for t in texts
+    ]
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
     labels = torch.full((len(rows), width), -100, dtype=torch.long)
@@ -34,9 +36,11 @@ def pretrain(
     warmup = max(1, recipe.pretrain_steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
-        lambda step: min(1.0, (step + 1) / warmup)
-        * 0.5
-        * (1 + torch.cos(torch.tensor(torch.pi * step / recipe.pretrain_steps)).item()),
+        lambda step: (
+            min(1.0, (step + 1) / warmup)
+            * 0.5
+            * (1 + torch.cos(torch.tensor(torch.pi * step / recipe.pretrain_steps)).item())
+        ),
     )
     model.train()
     losses: list[float] = []

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import torch
 
-from hotlora.engine.adapters import Adapter, AdapterRegistry
+from hotlora.engine.adapters import Adapter, AdapterRegistry, ordered_parameter_keys
 from hotlora.engine.base_model import BaseModel, load_base_model
 from hotlora.engine.batching import MicroBatch, ResultAssembler, collate, pack_forward_backward
-from hotlora.engine.checkpoint import LoadedAdapter, load_checkpoint, peft_key, save_checkpoint
+from hotlora.engine.checkpoint import LoadedAdapter, load_checkpoint, save_checkpoint
 from hotlora.engine.errors import CheckpointError, HotLoraError, InvalidRequest
 from hotlora.engine.lora import inject_multi_lora, lora_batch
 from hotlora.engine.losses import compute_loss, validate_loss_config
@@ -106,9 +106,7 @@ class ModelRunner:
             raise result
         return result
 
-    def forward_backward_many(
-        self, calls: Sequence[ForwardBackwardCall]
-    ) -> list[ForwardBackwardOutput | HotLoraError]:
+    def forward_backward_many(self, calls: Sequence[ForwardBackwardCall]) -> list[ForwardBackwardOutput | HotLoraError]:
         """Run many adapters' calls in shared micro-batches; a bad call fails alone."""
         results: list[ForwardBackwardOutput | HotLoraError | None] = [None] * len(calls)
         valid: list[int] = []
@@ -187,7 +185,7 @@ class ModelRunner:
         moments = None
         if include_optimizer:
             raw = adapter.optimizer.moments()
-            keys = [peft_key(name, which) for name in sorted(adapter.pairs) for which in ("A", "B")]
+            keys = ordered_parameter_keys(adapter.pairs)
             moments = dict(zip(keys, raw, strict=True)) if raw is not None else None
         loaded = LoadedAdapter(
             spec=adapter.spec,
@@ -220,7 +218,9 @@ class ModelRunner:
         if set(loaded.weights) != set(adapter.pairs):
             missing = sorted(set(adapter.pairs) - set(loaded.weights))
             extra = sorted(set(loaded.weights) - set(adapter.pairs))
-            raise CheckpointError(f"{path}: weights do not match the base model (missing {missing[:3]}, extra {extra[:3]})")
+            raise CheckpointError(
+                f"{path}: weights do not match the base model (missing {missing[:3]}, extra {extra[:3]})"
+            )
         with torch.no_grad():
             for name, (a, b) in loaded.weights.items():
                 pair = adapter.pairs[name]
@@ -233,7 +233,7 @@ class ModelRunner:
                 pair.B.copy_(b)
         adapter.version = loaded.version
         if loaded.moments is not None:
-            keys = [peft_key(name, which) for name in sorted(adapter.pairs) for which in ("A", "B")]
+            keys = ordered_parameter_keys(adapter.pairs)
             adapter.optimizer.load_moments([loaded.moments[k] for k in keys])
         adapter.optimizer.last_params = loaded.adam_params
         if loaded.rng_state is not None:

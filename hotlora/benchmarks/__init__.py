@@ -1,0 +1,1 @@
+"""Benchmarks behind ``hotlora bench``: each records machine, commit and command beside its numbers."""

@@ -1,0 +1,31 @@
+"""Shared fixtures: tiny models built locally (no downloads), cached per test session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from hotlora.engine.runner import ModelRunner, RunnerConfig
+from hotlora.engine.tiny_model import TinyModelRecipe, ensure_tiny_model
+
+# A smaller shape than the default recipe keeps the many exactness tests quick on 2 cores.
+TEST_RECIPE = TinyModelRecipe(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128, seed=0)
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(model_cache: Path) -> Path:
+    """A random-init tiny Llama; loaded through ``from_pretrained`` like any user model."""
+    return ensure_tiny_model(TEST_RECIPE, model_cache)
+
+
+@pytest.fixture
+def runner(tiny_model_path: Path) -> ModelRunner:
+    torch.manual_seed(0)
+    return ModelRunner.from_pretrained(tiny_model_path, dtype="float32", device="cpu", config=RunnerConfig())
