@@ -85,11 +85,16 @@ def write_peft(
     save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
 
 
-def save_checkpoint(path: str | Path, adapter_id: str, loaded: LoadedAdapter, base_path: str) -> Path:
-    """Write PEFT weights and, if ``loaded.moments`` is set, the training state; atomically."""
+def save_checkpoint(
+    path: str | Path, adapter_id: str, loaded: LoadedAdapter, base_path: str, include_state: bool = True
+) -> Path:
+    """Write PEFT weights and (``include_state``) the training state, atomically: readers never see half."""
     path = Path(path)
     tmp = _atomic_dir(path)
     write_peft(tmp, loaded.spec, loaded.weights, base_path)
+    if not include_state:
+        _commit_dir(tmp, path)
+        return path
     tensors: dict[str, torch.Tensor] = {}
     for key, (exp_avg, exp_avg_sq, step) in (loaded.moments or {}).items():
         tensors[f"{key}.exp_avg"] = exp_avg.detach().to("cpu").contiguous()
@@ -178,6 +183,8 @@ def load_checkpoint(path: str | Path) -> LoadedAdapter:
         targets=targets_raw if isinstance(targets_raw, str) else tuple(targets_raw),
         seed=int(raw_spec["seed"]),
     )
+    if (loaded.spec.rank, loaded.spec.alpha, tuple(sorted(loaded.spec.target_modules()))) != (rank, alpha, targets):
+        raise CheckpointError(f"{path}: {STATE_JSON} and {CONFIG_FILE} disagree on rank, alpha or targets")
     loaded.version = int(state["version"])
     loaded.adam_params = AdamParams(**state["adam_params"]) if state.get("adam_params") else None
     extra = load_file(str(path / STATE_TENSORS))

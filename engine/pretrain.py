@@ -53,7 +53,7 @@ def pretrain(
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(loss.item())
         if progress is not None:
             progress(step + 1, recipe.pretrain_steps, losses[-1])
     model.eval()

@@ -33,17 +33,25 @@ RL_LOSSES = frozenset({"importance_sampling", "ppo", "cispo"})
 
 @dataclass
 class RunnerConfig:
-    """Knobs of the model runner. ``token_budget`` caps padded tokens per micro-batch."""
+    """Knobs of the model runner.
+
+    ``token_budget`` caps padded tokens per micro-batch. ``max_adapters`` caps registered adapters and
+    ``resident_slots`` (default: ``max_adapters``) those resident on the device at once; the rest wait
+    on ``host_device`` and reload on their next use.
+    """
 
     token_budget: int = 8192
     lora_backend: str = "auto"
-    max_adapters: int = 64
+    max_adapters: int = 256
+    resident_slots: int | None = None
+    host_device: str = "cpu"
 
 
 @dataclass(frozen=True)
 class AdapterInfo:
     adapter_id: str
-    slot: int
+    slot: int | None  # None while offloaded
+    resident: bool
     rank: int
     alpha: float
     targets: tuple[str, ...]
@@ -57,7 +65,13 @@ class ModelRunner:
         self.config = config or RunnerConfig()
         self.model = base.model
         self.lora = inject_multi_lora(self.model, self.config.lora_backend)
-        self.adapters = AdapterRegistry(self.lora, base.device, self.config.max_adapters)
+        self.adapters = AdapterRegistry(
+            self.lora,
+            base.device,
+            max_adapters=self.config.max_adapters,
+            resident_slots=self.config.resident_slots,
+            host_device=self.config.host_device,
+        )
 
     @classmethod
     def from_pretrained(
@@ -82,6 +96,7 @@ class ModelRunner:
             AdapterInfo(
                 adapter_id=a.adapter_id,
                 slot=a.slot,
+                resident=a.resident,
                 rank=a.spec.rank,
                 alpha=a.spec.alpha,
                 targets=a.spec.target_modules(),
@@ -136,14 +151,45 @@ class ModelRunner:
                 raise InvalidRequest(f"datum {i}: {call.loss_fn!r} needs sampler logprobs and advantages")
 
     def run_calls(self, calls: Sequence[ForwardBackwardCall]) -> list[ForwardBackwardOutput]:
-        if not calls:
-            return []
-        slots = {call.adapter_id: self.adapters.get(call.adapter_id).slot for call in calls}
-        assembler = ResultAssembler(calls)
-        for batch in pack_forward_backward(calls, slots, self.config.token_budget):
-            row_losses, target_logprobs = self.run_micro_batch(batch, calls)
-            assembler.add(batch, row_losses, target_logprobs)
-        return assembler.outputs()
+        """Pack and run validated calls; outputs come back in call order.
+
+        When the calls name more adapters than can be resident beside the pinned ones, they run in
+        groups (see ``resident_groups``), each acquired (and so given valid slots) before packing.
+        """
+        outputs: list[ForwardBackwardOutput | None] = [None] * len(calls)
+        for group in self.resident_groups(calls):
+            group_calls = [calls[i] for i in group]
+            adapters = self.adapters.acquire(call.adapter_id for call in group_calls)
+            slots = {adapter_id: adapter.slot for adapter_id, adapter in adapters.items()}
+            assembler = ResultAssembler(group_calls)
+            for batch in pack_forward_backward(group_calls, slots, self.config.token_budget):
+                row_losses, target_logprobs = self.run_micro_batch(batch, group_calls)
+                assembler.add(batch, row_losses, target_logprobs)
+            for index, output in zip(group, assembler.outputs(), strict=True):
+                outputs[index] = output
+        return [o for o in outputs if o is not None]
+
+    def resident_groups(self, calls: Sequence[ForwardBackwardCall]) -> list[list[int]]:
+        """Split call indices, in order, into groups whose adapters fit in the resident slots.
+
+        A group closes when one more distinct adapter would push it, together with the adapters pinned
+        elsewhere, past ``resident_slots``. With every adapter resident this is one group, i.e. exactly
+        the unsplit packing. A group that cannot hold even one adapter is left to ``acquire`` to refuse.
+        """
+        capacity = self.adapters.resident_slots
+        pinned = self.adapters.pinned_ids()
+        groups: list[list[int]] = []
+        current: list[int] = []
+        names: set[str] = set()
+        for index, call in enumerate(calls):
+            if call.adapter_id not in names and current and len(names | pinned | {call.adapter_id}) > capacity:
+                groups.append(current)
+                current, names = [], set()
+            current.append(index)
+            names.add(call.adapter_id)
+        if current:
+            groups.append(current)
+        return groups
 
     def run_micro_batch(
         self, batch: MicroBatch, calls: Sequence[ForwardBackwardCall]
@@ -163,7 +209,7 @@ class ModelRunner:
         return row_losses.detach(), target_logprobs.detach()
 
     def optim_step(self, adapter_id: str, params: AdamParams | None = None) -> OptimStepOutput:
-        adapter = self.adapters.get(adapter_id)
+        adapter = self.adapters.acquire([adapter_id])[adapter_id]
         norm = adapter.optimizer.step(params or AdamParams())
         adapter.version += 1
         return OptimStepOutput(adapter_id=adapter_id, version=adapter.version, grad_norm=norm)
@@ -173,14 +219,18 @@ class ModelRunner:
     @torch.no_grad()
     def logits(self, input_ids: torch.Tensor, adapter_ids: Sequence[str | None]) -> torch.Tensor:
         """Full-sequence logits, each row under its own adapter (``None``: the plain base)."""
-        slots = [-1 if a is None else self.adapters.get(a).slot for a in adapter_ids]
+        adapters = self.adapters.acquire(a for a in adapter_ids if a is not None)
+        slots = [-1 if a is None else adapters[a].slot for a in adapter_ids]
         with lora_batch(self.lora, slots):
             return self.model(input_ids=input_ids.to(self.device), use_cache=False).logits
 
     # ----- checkpoints -----
 
     def save_state(self, adapter_id: str, path: str | Path, include_optimizer: bool = True) -> Path:
-        """PEFT weights plus (by default) everything needed to resume training exactly."""
+        """PEFT weights plus (by default) everything needed to resume training exactly.
+
+        Reads the tensors wherever they live, device or host: saving never evicts another adapter.
+        """
         adapter = self.adapters.get(adapter_id)
         moments = None
         if include_optimizer:
@@ -195,14 +245,18 @@ class ModelRunner:
             rng_state=adapter.generator.get_state() if include_optimizer else None,
             adam_params=adapter.optimizer.last_params,
         )
-        return save_checkpoint(path, adapter_id, loaded, self.base.path)
+        return save_checkpoint(path, adapter_id, loaded, self.base.path, include_state=include_optimizer)
 
     def save_weights(self, adapter_id: str, path: str | Path) -> Path:
         """Weights only, in PEFT format: what a sampler or ``PeftModel.from_pretrained`` needs."""
         return self.save_state(adapter_id, path, include_optimizer=False)
 
     def load_state(self, adapter_id: str, path: str | Path) -> Adapter:
-        """Create (or replace) ``adapter_id`` from a checkpoint; optimizer state is restored when present."""
+        """Create (or replace) ``adapter_id`` from a checkpoint; optimizer state is restored when present.
+
+        Like ``create_adapter``, the new adapter takes a free or evictable resident slot, else it starts
+        offloaded; restoring works in place either way.
+        """
         loaded = load_checkpoint(path)
         if adapter_id in self.adapters:
             self.adapters.delete(adapter_id)

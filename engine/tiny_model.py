@@ -20,6 +20,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models
 from tokenizers.pre_tokenizers import ByteLevel
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers.utils import logging as hf_logging
 
 RECIPE_FORMAT = 1
 COMPLETE_MARKER = "hotlora-model.json"
@@ -36,6 +37,9 @@ class TinyModelRecipe:
     num_kv_heads: int = 2
     intermediate_size: int = 352
     max_positions: int = 256
+    # Tied embeddings at HF's default std (0.02) cap every logit near 2.5, so a frozen random base
+    # could never become confident and LoRA alone could never fit a target; 0.25 lifts that cap.
+    embedding_std: float = 0.25
     seed: int = 0
     pretrain_steps: int = 0
     pretrain_batch_size: int = 32
@@ -77,7 +81,10 @@ def build_model(recipe: TinyModelRecipe, vocab_size: int) -> LlamaForCausalLM:
         rms_norm_eps=1e-5,
     )
     torch.manual_seed(recipe.seed)
-    return LlamaForCausalLM(config)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.normal_(0.0, recipe.embedding_std)
+    return model
 
 
 ProgressFn = Callable[[int, int, float], None]
@@ -92,6 +99,7 @@ def build_tiny_model(recipe: TinyModelRecipe, out_dir: Path, progress: ProgressF
     if recipe.pretrain_steps > 0:
         pretrain(model, tokenizer, recipe, progress=progress)
     out_dir.mkdir(parents=True, exist_ok=True)
+    hf_logging.disable_progress_bar()
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     (out_dir / COMPLETE_MARKER).write_text(json.dumps({"recipe": dataclasses.asdict(recipe)}, indent=2))

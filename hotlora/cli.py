@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="train two adapters at once in mixed micro-batches (SFT)")
     demo.add_argument("--model", default=None, help="base model directory (default: the cached tiny model)")
-    demo.add_argument("--steps", type=int, default=60, help="optimizer steps per adapter (default 60)")
+    demo.add_argument("--steps", type=int, default=100, help="optimizer steps per adapter (default 100)")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_cmd_demo)
 

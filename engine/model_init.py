@@ -1,0 +1,48 @@
+"""``hotlora model init``: materialise a tiny base model into a directory, from the recipe cache."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from hotlora.engine.errors import InvalidRequest
+from hotlora.engine.tiny_model import TinyModelRecipe, ensure_tiny_model
+
+DEFAULT_PRETRAIN_STEPS = 1500
+
+
+def recipe_for(pretrain: bool, seed: int = 0, steps: int | None = None) -> TinyModelRecipe:
+    if steps is not None and steps < 0:
+        raise InvalidRequest(f"--steps must be >= 0, got {steps}")
+    if not pretrain:
+        if steps:
+            raise InvalidRequest("--steps only applies with --pretrain")
+        return TinyModelRecipe(seed=seed)
+    return TinyModelRecipe(seed=seed, pretrain_steps=DEFAULT_PRETRAIN_STEPS if steps is None else steps)
+
+
+def init_model(out_dir: Path, pretrain: bool = False, seed: int = 0, steps: int | None = None, force: bool = False) -> Path:
+    """Build (or take from the cache) the recipe's model and copy it to ``out_dir``."""
+    if out_dir.exists() and any(out_dir.iterdir()) and not force:
+        raise SystemExit(f"error: {out_dir} exists and is not empty (use --force to overwrite)")
+    recipe = recipe_for(pretrain, seed, steps)
+    with Progress(
+        TextColumn("pretraining"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.3f}"),
+        TimeRemainingColumn(),
+        transient=False,
+    ) as progress:
+        task = progress.add_task("pretrain", total=max(recipe.pretrain_steps, 1), loss=float("nan"), visible=False)
+
+        def report(step: int, total: int, loss: float) -> None:
+            progress.update(task, completed=step, loss=loss, visible=True)
+
+        cached = ensure_tiny_model(recipe, progress=report)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    shutil.copytree(cached, out_dir)
+    return out_dir
