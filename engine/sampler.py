@@ -6,8 +6,9 @@ and retires the rows that stopped. Rows of one adapter sit next to each other, s
 sees one run per adapter. The KV cache is the model's own ``DynamicCache``, left-padded: all rows
 share one width, each row's real tokens are right-aligned, the attention mask hides the padding and
 explicit ``position_ids`` give each row its own positions, so a row's tokens never depend on what
-else is in the batch. The LoRA layers read the adapters' live tensors: nothing is copied, and an
-``optim_step`` is visible to the next admitted request.
+else is in the batch. The LoRA layers read the adapters' live tensors, so weights are never copied or
+synced: an ``optim_step`` changes what the very next forward reads. The engine therefore holds an
+adapter's ``optim_step`` while ``active_adapters`` names it, so one sequence never mixes two versions.
 
 Reported logprobs are the raw log-softmax (temperature 1, no top-p/k) of the sampled token, which is
 what the trainer computes, so RL importance ratios are exactly 1 at zero staleness.
@@ -143,6 +144,14 @@ def _left_pad(kv: torch.Tensor, width: int) -> torch.Tensor:
     """Zero columns on the left of a ``[rows, heads, seq, dim]`` tensor; the mask hides them."""
     missing = width - kv.shape[2]
     return F.pad(kv, (0, 0, missing, 0)) if missing else kv
+
+
+def _invert_cdf(cdf: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Index of the first entry whose cumulative mass exceeds ``u * total``: always a token with mass > 0."""
+    total = cdf[:, -1]
+    # u * total may round up to total itself; just below it still lands on the last token with mass.
+    target = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, target[:, None].contiguous(), right=True).squeeze(1)
 
 
 class NativeSampler:
@@ -330,28 +339,31 @@ class NativeSampler:
 
     def _merge(self, admitted: list[tuple[_Request, list[tuple[torch.Tensor, torch.Tensor]] | None]]) -> None:
         """Left-pad running and new KV to one width, stack them, and reorder rows so each slot is contiguous."""
-        new_rows: list[_Row] = []
-        for state, _ in admitted:
-            for index in range(state.request.n):
-                new_rows.append(_Row(state, index, self._row_generator(state, index)))
+        new_rows = [
+            _Row(state, index, self._row_generator(state, index))
+            for state, _ in admitted
+            for index in range(state.request.n)
+        ]
         rows = self._rows + new_rows
         order = sorted(range(len(rows)), key=lambda i: rows[i].sort_key)
         width = max([self._width] + [len(s.request.prompt_tokens) - 1 for s, _ in admitted])
+        running = [(layer.keys, layer.values) for layer in self._cache.layers] if self._cache else None
+        # (rows, KV with one row to broadcast or all rows, or None for rows that have no columns yet)
+        sources = [(len(self._rows), running)] + [(s.request.n, kv) for s, kv in admitted]
+        sources = [(count, kv) for count, kv in sources if count > 0]
+        template = next((kv for _, kv in sources if kv is not None), None)
         layers: list[tuple[torch.Tensor, torch.Tensor]] = []
-        if width > 0:
-            template = [(layer.keys, layer.values) for layer in self._cache.layers] if self._cache else None
-            template = template or next(kv for _, kv in admitted if kv is not None)
+        if template is not None:
             perm = None if order == list(range(len(rows))) else torch.tensor(order, device=self.device)
-            for layer_index, (k_ref, v_ref) in enumerate(template):
+            for layer_index, pair in enumerate(template):
                 merged = []
-                for which, ref in enumerate((k_ref, v_ref)):
-                    parts = [_left_pad(ref, width)] if self._rows else []
-                    for state, kv in admitted:
-                        n = state.request.n
-                        if kv is None:
-                            parts.append(ref.new_zeros(n, ref.shape[1], width, ref.shape[3]))
-                        else:
-                            parts.append(_left_pad(kv[layer_index][which], width).expand(n, -1, -1, -1))
+                for which, ref in enumerate(pair):
+                    parts = [
+                        ref.new_zeros(count, ref.shape[1], width, ref.shape[3])
+                        if kv is None
+                        else _left_pad(kv[layer_index][which], width).expand(count, -1, -1, -1)
+                        for count, kv in sources
+                    ]
                     stacked = torch.cat(parts, dim=0)
                     merged.append(stacked if perm is None else stacked.index_select(0, perm))
                 layers.append((merged[0], merged[1]))
@@ -407,15 +419,20 @@ class NativeSampler:
         self._pad = torch.tensor([self._width - row.cached for row in rows], dtype=torch.long, device=device)
         last = [row.tokens[-1] if row.tokens else row.req.request.prompt_tokens[-1] for row in rows]
         self._next = torch.tensor(last, dtype=torch.long, device=device)
-        sampled = [p.temperature > 0 for p in params]
-        self._any_sampled = any(sampled)
-        self._any_greedy = not all(sampled)
-        self._greedy_mask = torch.tensor([not s for s in sampled], dtype=torch.bool, device=device)
         self._temperature = torch.tensor([p.temperature or 1.0 for p in params], device=device)
-        self._filter = any(s and (p.top_k > 0 or p.top_p < 1.0) for s, p in zip(sampled, params, strict=True))
-        self._top_k = torch.tensor([p.top_k or self.vocab_size for p in params], dtype=torch.long, device=device)
-        self._top_p = torch.tensor([p.top_p for p in params], device=device)
-        # One draw per generator per step: rows sharing an adapter's generator draw together.
+        # A row's sampling path depends on its own params only, never on its neighbours: plain rows invert
+        # the CDF in vocabulary order, filtered rows (top-k/top-p) in descending-probability order.
+        plain = [i for i, p in enumerate(params) if p.temperature > 0 and p.top_k == 0 and p.top_p >= 1.0]
+        filtered = [i for i, p in enumerate(params) if p.temperature > 0 and (p.top_k > 0 or p.top_p < 1.0)]
+        self._any_sampled = bool(plain or filtered)
+        self._plain_rows = self._row_index(plain)
+        self._filtered_rows = self._row_index(filtered)
+        top_k = [params[i].top_k for i in filtered]
+        # top-k alone needs only the k best candidates; a full sort is costly on CPU.
+        self._candidates = self.vocab_size if 0 in top_k else min(max(top_k, default=1), self.vocab_size)
+        self._top_k = torch.tensor([k or self.vocab_size for k in top_k], dtype=torch.long, device=device)
+        self._top_p = torch.tensor([params[i].top_p for i in filtered], device=device)
+        # One draw per generator per step: unseeded rows of one adapter share its generator and draw together.
         groups: dict[int, tuple[torch.Generator, list[int]]] = {}
         for i, row in enumerate(rows):
             if row.generator is not None:
@@ -423,33 +440,41 @@ class NativeSampler:
         self._gen_groups = [(gen, len(idx)) for gen, idx in groups.values()]
         self._draw_index = torch.tensor([i for _, idx in groups.values() for i in idx], dtype=torch.long)
 
+    def _row_index(self, indices: list[int]) -> torch.Tensor | None:
+        """None when no row is in the group; the full-batch case is kept as an index too (one cheap gather)."""
+        return torch.tensor(indices, dtype=torch.long, device=self.device) if indices else None
+
     def _uniforms(self) -> torch.Tensor:
         draws = torch.cat([torch.rand(count, generator=gen) for gen, count in self._gen_groups])
         u = torch.zeros(len(self._rows)).index_copy_(0, self._draw_index, draws)
         return u.to(self.device, non_blocking=True)
 
     def _choose(self, logits: torch.Tensor) -> torch.Tensor:
-        """Greedy rows take the argmax; sampled rows invert their filtered CDF at one uniform draw."""
-        greedy = logits.argmax(dim=-1) if self._any_greedy else None
+        """Greedy rows take the argmax; sampled rows invert their (filtered) CDF at one uniform draw each."""
+        chosen = logits.argmax(dim=-1)
         if not self._any_sampled:
-            return greedy
+            return chosen
+        u = self._uniforms()
         scaled = logits / self._temperature[:, None]
-        if self._filter:
-            scaled, vocab_order = scaled.sort(dim=-1, descending=True)
-        probs = torch.softmax(scaled, dim=-1)
-        if self._filter:
-            ranks = torch.arange(probs.shape[-1], device=probs.device)
-            keep = ranks[None, :] < self._top_k[:, None]
-            # Nucleus: keep tokens until the mass before them reaches top_p (the top token always stays).
-            keep &= (probs.cumsum(dim=-1) - probs) < self._top_p[:, None]
-            probs = probs * keep
-        cdf = probs.cumsum(dim=-1)
-        target = self._uniforms() * cdf[:, -1]
-        pick = torch.searchsorted(cdf, target[:, None], right=True).squeeze(1)
-        last = (keep.sum(dim=-1) - 1) if self._filter else torch.full_like(pick, probs.shape[-1] - 1)
-        pick = torch.minimum(pick, last)  # u * total can round up to the total itself
-        chosen = vocab_order.gather(1, pick[:, None]).squeeze(1) if self._filter else pick
-        return chosen if greedy is None else torch.where(self._greedy_mask, greedy, chosen)
+        if self._plain_rows is not None:
+            rows = self._plain_rows
+            cdf = torch.softmax(scaled.index_select(0, rows), dim=-1).cumsum(dim=-1)
+            chosen.index_copy_(0, rows, _invert_cdf(cdf, u.index_select(0, rows)))
+        if self._filtered_rows is not None:
+            rows = self._filtered_rows
+            sub = scaled.index_select(0, rows)
+            if self._candidates < sub.shape[-1]:
+                values, vocab_ids = sub.topk(self._candidates, dim=-1)
+            else:
+                values, vocab_ids = sub.sort(dim=-1, descending=True)
+            ranks = torch.arange(values.shape[-1], device=values.device)
+            values = values.masked_fill(ranks[None, :] >= self._top_k[:, None], -math.inf)
+            probs = torch.softmax(values, dim=-1)  # renormalised over the top-k, as vLLM does before top-p
+            # Nucleus: drop a token once the mass before it reaches top_p (the top token always stays).
+            probs = probs.masked_fill((probs.cumsum(dim=-1) - probs) >= self._top_p[:, None], 0.0)
+            pick = _invert_cdf(probs.cumsum(dim=-1), u.index_select(0, rows))
+            chosen.index_copy_(0, rows, vocab_ids.gather(1, pick[:, None]).squeeze(1))
+        return chosen
 
     def _decode(self) -> list[tuple[str, list[SampledSequence]]]:
         width = self._width
