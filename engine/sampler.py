@@ -263,6 +263,16 @@ class NativeSampler:
                 self._retire([i for i, row in enumerate(self._rows) if row.req is state])
         return True
 
+    def abort_all(self) -> list[str]:
+        """Drop every waiting and running request (after a failed step left the cache suspect)."""
+        request_ids = list(self._requests)
+        self._requests.clear()
+        self._waiting.clear()
+        self._rows = []
+        self._set_cache([], 0)
+        self._rebuild()
+        return request_ids
+
     def pop_failures(self) -> dict[str, HotLoraError]:
         """Requests dropped by the sampler itself (their adapter was deleted or replaced), by request id."""
         failures, self._failures = self._failures, {}

@@ -192,7 +192,7 @@ class _AdapterState:
 
     def ready_barrier(self) -> WorkItem | None:
         epoch = self.epochs[0]
-        if self.barrier_in_flight or epoch.samples or epoch.forward_backward:
+        if self.barrier_in_flight or self.in_flight or epoch.samples or epoch.forward_backward:
             return None
         return epoch.barrier
 
@@ -408,13 +408,13 @@ class Scheduler:
         state = self._adapters.get(adapter_id)
         if state is None:
             return 0
-        return sum(
-            len(e.samples) + len(e.forward_backward) + (e.barrier is not None) for e in state.epochs
-        )
+        return sum(len(e.samples) + len(e.forward_backward) + (e.barrier is not None) for e in state.epochs)
 
     def has_work(self) -> bool:
-        """Pending or decoding work exists. ``next_step`` may still be ``Idle`` while it all waits on
-        completions the caller has not reported yet."""
+        """Whether anything is pending or decoding.
+
+        ``next_step`` may still be ``Idle`` while all of it waits on completions not yet reported.
+        """
         return bool(self._order) or self._running_rows > 0
 
     def in_flight(self) -> int:

@@ -119,8 +119,8 @@ class Sim:
             self._dispatch(step.admit)
             served = {x.adapter_id for x in step.admit}
             self._track_waits(self.decode_waits, self.max_decode_wait, sample_ready, served)
-            for rid in step_admit_ids(step):
-                self.running[rid] = self.durations[rid]
+            for x in step.admit:
+                self.running[x.request_id] = self.durations[x.request_id]
             for rid in list(self.running):
                 self.running[rid] -= 1
                 if self.running[rid] == 0:
@@ -170,36 +170,34 @@ class Sim:
         self.done.add(rid)
 
 
-def step_admit_ids(step: DecodeSlice) -> list[str]:
-    return [x.request_id for x in step.admit]
-
-
-def train_bound(sim: Sim, adapter: str, items: list[WorkItem]) -> int:
-    """The module docstring's training bound, with A and W over every adapter of the workload."""
-    p = sim.scheduler.policy
-    q, budget = p.quantum_tokens, p.train_token_budget
-    cost = max((x.tokens for x in items if x.kind is FB), default=1)
-    w = sim.weights
-    v = math.ceil(cost / (q * w[adapter]))
-    others = [b for b in w if b != adapter]
-    total = len(others) * cost + (v + 1) * q * sum(w[b] for b in others)
+def train_bound(policy: SchedulerPolicy, weights: dict[str, float], adapter: str, largest: int) -> int:
+    """The module docstring's training bound, with A and W over every adapter in ``weights``."""
+    q, budget = policy.quantum_tokens, policy.train_token_budget
+    v = math.ceil(largest / (q * weights[adapter]))
+    others = [b for b in weights if b != adapter]
+    total = len(others) * largest + (v + 1) * q * sum(weights[b] for b in others)
     return 2 * math.ceil(total / budget)
 
 
-def decode_bound(sim: Sim, adapter: str, items: list[WorkItem], longest: int) -> int:
-    q = sim.scheduler.policy.quantum_tokens
-    costs = [x.tokens for x in items if x.kind is S] or [1]
-    w = sim.weights
-    v = math.ceil(max(costs) / (q * w[adapter]))
-    n = sum(math.floor((max(costs) + (v + 1) * q * w[b]) / min(costs)) for b in w if b != adapter)
+def decode_bound(
+    policy: SchedulerPolicy, weights: dict[str, float], adapter: str, largest: int, cheapest: int, longest: int
+) -> int:
+    """The sampling bound: ``longest`` is the most decode slices any sample takes (L)."""
+    q = policy.quantum_tokens
+    v = math.ceil(largest / (q * weights[adapter]))
+    n = sum(math.floor((largest + (v + 1) * q * weights[b]) / cheapest) for b in weights if b != adapter)
     return (n + 1) * (longest + 1) - 1
 
 
 KIND_MIX = [S, S, S, FB, FB, FB, OPT, CTL]
 
 
+Arrival = tuple[int, WorkItem, int]  # (step it arrives before, item, decode slices a sample takes)
+Workload = tuple[SchedulerPolicy, int, dict[str, float], list[Arrival]]  # (policy, decode rows, weights, arrivals)
+
+
 @st.composite
-def workloads(draw: st.DrawFn) -> tuple[SchedulerPolicy, int, dict[str, float], list[tuple[int, WorkItem, int]]]:
+def workloads(draw: st.DrawFn) -> Workload:
     policy = SchedulerPolicy(
         decode_steps_per_slice=draw(st.integers(1, 4)),
         train_token_budget=draw(st.integers(16, 128)),
@@ -224,7 +222,7 @@ def workloads(draw: st.DrawFn) -> tuple[SchedulerPolicy, int, dict[str, float], 
     return policy, capacity, weights, arrivals
 
 
-def run_workload(policy, capacity, weights, arrivals) -> Sim:
+def run_workload(policy: SchedulerPolicy, capacity: int, weights: dict[str, float], arrivals: list[Arrival]) -> Sim:
     scheduler = Scheduler(policy)
     sim = Sim(scheduler, capacity, weights=weights)
     for adapter, weight in weights.items():
@@ -250,14 +248,16 @@ def run_workload(policy, capacity, weights, arrivals) -> Sim:
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(workloads())
-def test_random_workloads_keep_order_budgets_alternation_and_bounds(workload) -> None:
+def test_random_workloads_keep_order_budgets_alternation_and_bounds(workload: Workload) -> None:
     policy, capacity, weights, arrivals = workload
     sim = run_workload(policy, capacity, weights, arrivals)
-    items = [work for _, work, _ in arrivals]
+    fb_costs = [work.tokens for _, work, _ in arrivals if work.kind is FB] or [1]
+    sample_costs = [work.tokens for _, work, _ in arrivals if work.kind is S] or [1]
     longest = max((d for _, _, d in arrivals), default=1)
     for adapter in weights:
-        assert sim.max_train_wait[adapter] <= train_bound(sim, adapter, items), adapter
-        assert sim.max_decode_wait[adapter] <= decode_bound(sim, adapter, items, longest), adapter
+        assert sim.max_train_wait[adapter] <= train_bound(policy, weights, adapter, max(fb_costs)), adapter
+        bound = decode_bound(policy, weights, adapter, max(sample_costs), min(sample_costs), longest)
+        assert sim.max_decode_wait[adapter] <= bound, adapter
 
 
 @settings(max_examples=100, deadline=None)
@@ -268,7 +268,9 @@ def test_random_workloads_keep_order_budgets_alternation_and_bounds(workload) ->
     cost=st.integers(1, 1024),
     seed=st.integers(0, 2**16),
 )
-def test_backlogged_service_tracks_weights(weights, quantum, budget, cost, seed) -> None:
+def test_backlogged_service_tracks_weights(
+    weights: list[float], quantum: int, budget: int, cost: int, seed: int
+) -> None:
     """DRR's guarantee: served_a / w_a of always-backlogged adapters differ by less than q + C / min(w).
 
     After k full rounds adapter a was served k*q*w_a minus its deficit (in [0, C)); a partial round adds
@@ -290,6 +292,49 @@ def test_backlogged_service_tracks_weights(weights, quantum, budget, cost, seed)
             break
         normalized = [sim.served_tokens[f"a{i}"] / w for i, w in enumerate(weights)]
         assert max(normalized) - min(normalized) < quantum + cost / min(weights)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    weights=st.lists(st.sampled_from([0.5, 1.0, 2.0, 3.0]), min_size=1, max_size=4),
+    newcomer_weight=st.sampled_from([0.5, 1.0, 3.0]),
+    arrival=st.integers(0, 30),
+    seed=st.integers(0, 2**16),
+)
+def test_backlogged_adapters_cannot_starve_a_newcomer(
+    weights: list[float], newcomer_weight: float, arrival: int, seed: int
+) -> None:
+    """Adapters that never run dry, and one that sends a single sample and forward_backward late.
+
+    The newcomer must be served within the docstring's bounds: a scheduler that drained one queue
+    before the next, or let narrow samples take the rows a wide one waits for, never serves it.
+    """
+    policy = SchedulerPolicy(decode_steps_per_slice=2, train_token_budget=256, quantum_tokens=32)
+    capacity, longest, largest, cheapest = 4, 3, 300, 10
+    backlogged = {f"b{i}": w for i, w in enumerate(weights)}
+    all_weights = {**backlogged, "new": newcomer_weight}
+    scheduler = Scheduler(policy)
+    sim = Sim(scheduler, capacity, weights=all_weights)
+    for adapter, w in all_weights.items():
+        scheduler.set_weight(adapter, w)
+    n = 0
+
+    def cost(k: int) -> int:
+        return cheapest + (k * 7919 + seed) % (largest - cheapest + 1)
+
+    for t in range(arrival + 200):
+        for adapter in backlogged:
+            for kind in (S, FB):
+                while sum(x.kind is kind for x in sim.pending[adapter]) < 3:
+                    n += 1
+                    sim.submit(item(f"r{n}", adapter, kind, cost(n), rows=1 + n % capacity), 1 + n % longest)
+        if t == arrival:
+            sim.submit(item("new-s", "new", S, largest, rows=capacity), longest)
+            sim.submit(item("new-f", "new", FB, largest))
+        sim.step()
+    assert {"new-s", "new-f"} <= sim.done
+    assert sim.max_train_wait["new"] <= train_bound(policy, all_weights, "new", largest)
+    assert sim.max_decode_wait["new"] <= decode_bound(policy, all_weights, "new", largest, cheapest, longest)
 
 
 def test_weights_one_to_three_share_tokens_one_to_three() -> None:
@@ -416,7 +461,7 @@ def test_wide_sample_reserves_rows_instead_of_starving() -> None:
     assert scheduler.next_step(1) == DecodeSlice(admit=[], steps=8)  # holds the row for wide
     scheduler.complete("n0")
     step = scheduler.next_step(4)
-    assert [x.request_id for x in step.admit][0] == "wide"
+    assert step.admit[0].request_id == "wide"
 
 
 def test_remove_adapter_returns_pending_in_order_and_running_still_complete() -> None:

@@ -1,0 +1,349 @@
+"""``Engine``: the asyncio facade and the busy loop over the scheduler and the model runner.
+
+Shaped like vLLM v1's ``EngineCore``. Callers ``await engine.submit(request)`` (or a typed verb); the
+request joins the pure ``Scheduler``; the busy loop asks the scheduler for the next step and runs it on
+the model in ONE dedicated worker thread, then reports completions back to the scheduler and resolves
+the callers' futures on the event loop.
+
+Why a worker thread rather than yielding between steps: a step is one uninterruptible stretch of torch
+work (tens of milliseconds to seconds on a big batch). In the worker, torch releases the GIL inside
+its kernels, so the event loop keeps accepting requests, serving heartbeats and moving Kafka messages
+while the model computes. Exactly one thread ever touches the model, the adapters and the sampler, so
+none of them needs locks; the scheduler is touched only from the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+from collections.abc import Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import structlog
+
+from hotlora.engine.errors import HotLoraError, InvalidRequest
+from hotlora.engine.requests import (
+    CreateAdapter,
+    DeleteAdapter,
+    ForwardBackward,
+    ListAdapters,
+    LoadState,
+    OptimStep,
+    Request,
+    Sample,
+    SampleOutput,
+    SaveOutput,
+    SaveState,
+)
+from hotlora.engine.runner import AdapterInfo, ModelRunner, RunnerConfig
+from hotlora.engine.sampler import NativeSampler, SampleRequest, SamplingParams
+from hotlora.engine.scheduler import (
+    DecodeSlice,
+    Idle,
+    RunBarrier,
+    Scheduler,
+    SchedulerPolicy,
+    Step,
+    TrainSlice,
+    WorkItem,
+    WorkKind,
+)
+from hotlora.engine.types import (
+    AdamParams,
+    Datum,
+    ForwardBackwardCall,
+    ForwardBackwardOutput,
+    LoraSpec,
+    OptimStepOutput,
+)
+
+log = structlog.get_logger("hotlora.engine")
+T = TypeVar("T")
+
+
+class InternalError(HotLoraError):
+    code = "internal"
+
+
+class EngineClosed(HotLoraError):
+    code = "engine_closed"
+
+
+@dataclass
+class EngineConfig:
+    """Knobs of the engine loop; the runner and scheduler keep their own."""
+
+    max_decode_rows: int = 64
+    scheduler: SchedulerPolicy = field(default_factory=SchedulerPolicy)
+    runner: RunnerConfig = field(default_factory=RunnerConfig)
+
+
+Done = list[tuple[str, Any]]  # (request_id, result or HotLoraError)
+
+
+class Engine:
+    """One hot base model, many adapters; see the module docstring for the threading model."""
+
+    def __init__(self, runner: ModelRunner, config: EngineConfig | None = None) -> None:
+        self.config = config or EngineConfig()
+        self.runner = runner
+        self.sampler = NativeSampler(runner, max_rows=self.config.max_decode_rows)
+        policy = self.config.scheduler
+        if policy.max_decode_rows is None:
+            policy.max_decode_rows = self.config.max_decode_rows
+        self.scheduler = Scheduler(policy)
+        self._requests: dict[str, Request] = {}
+        self._futures: dict[str, asyncio.Future[Any]] = {}
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hotlora-model")
+        self._wake = asyncio.Event()
+        self._loop_task: asyncio.Task[None] | None = None
+        self._closing = False
+        self.steps = itertools.count()
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path, dtype: str = "auto", device: str = "auto", config: EngineConfig | None = None
+    ) -> Engine:
+        config = config or EngineConfig()
+        return cls(ModelRunner.from_pretrained(path, dtype=dtype, device=device, config=config.runner), config)
+
+    # ----- lifecycle -----
+
+    async def start(self) -> Engine:
+        if self._loop_task is None:
+            self._loop_task = asyncio.create_task(self._busy_loop(), name="hotlora-engine-loop")
+        return self
+
+    async def close(self) -> None:
+        """Finish the step in progress, fail what is still queued, stop the worker."""
+        self._closing = True
+        self._wake.set()
+        if self._loop_task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop_task
+        for request_id, future in list(self._futures.items()):
+            if not future.done():
+                future.set_exception(EngineClosed(f"engine closed before request {request_id!r} ran"))
+        self._futures.clear()
+        self._worker.shutdown(wait=True)
+
+    async def __aenter__(self) -> Engine:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # ----- submission -----
+
+    async def submit(self, request: Request) -> Any:
+        """Queue one request and wait for its result; a typed ``HotLoraError`` is raised for a bad one."""
+        if self._closing:
+            raise EngineClosed("engine is closing")
+        if self._loop_task is None:
+            await self.start()
+        if isinstance(request, ListAdapters):
+            return await self._run_in_worker(self.runner.list_adapters)
+        item = self._work_item(request)
+        if request.request_id in self._futures:
+            raise InvalidRequest(f"request_id {request.request_id!r} is already in flight")
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.scheduler.submit(item)
+        if isinstance(request, CreateAdapter):
+            self.scheduler.set_weight(request.adapter_id, request.weight)
+        self._requests[request.request_id] = request
+        self._futures[request.request_id] = future
+        self._wake.set()
+        return await future
+
+    def _work_item(self, request: Request) -> WorkItem:
+        rid = request.request_id
+        if isinstance(request, Sample):
+            cost = request.n * (len(request.prompt_tokens) + request.params.max_tokens)
+            adapter = request.adapter_id or "__base__"
+            return WorkItem(rid, adapter, WorkKind.SAMPLE, tokens=max(cost, 1), rows=max(request.n, 1))
+        if isinstance(request, ForwardBackward):
+            if not request.datums:
+                raise InvalidRequest("forward_backward needs at least one datum")
+            width = max(len(d) for d in request.datums)
+            return WorkItem(
+                rid, request.adapter_id, WorkKind.FORWARD_BACKWARD, width * len(request.datums), len(request.datums)
+            )
+        if isinstance(request, OptimStep):
+            return WorkItem(rid, request.adapter_id, WorkKind.OPTIM_STEP, tokens=0)
+        if isinstance(request, CreateAdapter | DeleteAdapter | SaveState | LoadState):
+            return WorkItem(rid, request.adapter_id, WorkKind.CONTROL, tokens=0)
+        raise InvalidRequest(f"unknown request type {type(request).__name__}")
+
+    # ----- the typed verbs (Tinker vocabulary) -----
+
+    async def create_adapter(self, adapter_id: str, spec: LoraSpec | None = None, weight: float = 1.0) -> AdapterInfo:
+        return await self.submit(CreateAdapter(adapter_id, spec or LoraSpec(), weight))
+
+    async def delete_adapter(self, adapter_id: str) -> None:
+        await self.submit(DeleteAdapter(adapter_id))
+
+    async def list_adapters(self) -> list[AdapterInfo]:
+        return await self.submit(ListAdapters())
+
+    async def sample(
+        self, adapter_id: str | None, prompt_tokens: list[int], n: int = 1, params: SamplingParams | None = None
+    ) -> SampleOutput:
+        return await self.submit(Sample(adapter_id, list(prompt_tokens), n, params or SamplingParams()))
+
+    async def forward_backward(
+        self,
+        adapter_id: str,
+        datums: list[Datum],
+        loss_fn: str = "cross_entropy",
+        loss_config: dict[str, float] | None = None,
+    ) -> ForwardBackwardOutput:
+        return await self.submit(ForwardBackward(adapter_id, list(datums), loss_fn, dict(loss_config or {})))
+
+    async def optim_step(self, adapter_id: str, params: AdamParams | None = None) -> OptimStepOutput:
+        return await self.submit(OptimStep(adapter_id, params or AdamParams()))
+
+    async def save_state(self, adapter_id: str, path: str | Path, include_optimizer: bool = True) -> SaveOutput:
+        return await self.submit(SaveState(adapter_id, path, include_optimizer))
+
+    async def save_weights_for_sampler(self, adapter_id: str, path: str | Path) -> SaveOutput:
+        return await self.save_state(adapter_id, path, include_optimizer=False)
+
+    async def load_state(self, adapter_id: str, path: str | Path) -> AdapterInfo:
+        return await self.submit(LoadState(adapter_id, path))
+
+    # ----- the busy loop -----
+
+    async def _busy_loop(self) -> None:
+        while not self._closing:
+            free_rows = self.config.max_decode_rows - self.scheduler.running_rows
+            step = self.scheduler.next_step(free_rows)
+            if isinstance(step, Idle):
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            next(self.steps)
+            done = await self._run_in_worker(self._execute, step)
+            self._finish(done)
+
+    async def _run_in_worker(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
+
+    def _finish(self, done: Done) -> None:
+        for request_id, result in done:
+            self.scheduler.complete(request_id)
+            request = self._requests.pop(request_id, None)
+            if isinstance(request, DeleteAdapter) and self.scheduler.pending(request.adapter_id) == 0:
+                # Nothing of this adapter is queued (later requests, e.g. a re-create, keep their
+                # state and fail or succeed on their own); forget its scheduler state.
+                self.scheduler.remove_adapter(request.adapter_id)
+            self._resolve(request_id, result)
+
+    def _resolve(self, request_id: str, result: Any) -> None:
+        future = self._futures.pop(request_id, None)
+        if future is None or future.done():
+            return
+        if isinstance(result, HotLoraError):
+            future.set_exception(result)
+        else:
+            future.set_result(result)
+
+    # ----- step execution (worker thread only) -----
+
+    def _execute(self, step: Step) -> Done:
+        try:
+            if isinstance(step, RunBarrier):
+                return [(step.item.request_id, self._run_barrier(self._requests[step.item.request_id]))]
+            if isinstance(step, TrainSlice):
+                return self._run_train(step)
+            if isinstance(step, DecodeSlice):
+                return self._run_decode(step)
+        except Exception as err:  # a bug or OOM must fail this step's requests, not kill the engine
+            log.exception("step_failed", step=type(step).__name__)
+            ids = self._step_request_ids(step)
+            return [(rid, InternalError(f"{type(err).__name__}: {err}")) for rid in ids]
+        return []
+
+    def _step_request_ids(self, step: Step) -> list[str]:
+        if isinstance(step, RunBarrier):
+            return [step.item.request_id]
+        if isinstance(step, TrainSlice):
+            return [item.request_id for item in step.items]
+        if isinstance(step, DecodeSlice):
+            running = self.sampler.abort_all()
+            return sorted(set(running) | {item.request_id for item in step.admit})
+        return []
+
+    def _run_barrier(self, request: Request) -> Any:
+        try:
+            if isinstance(request, OptimStep):
+                return self.runner.optim_step(request.adapter_id, request.params)
+            if isinstance(request, CreateAdapter):
+                self.runner.create_adapter(request.adapter_id, request.spec)
+                return self._info(request.adapter_id)
+            if isinstance(request, DeleteAdapter):
+                self.runner.delete_adapter(request.adapter_id)
+                return None
+            if isinstance(request, SaveState):
+                path = self.runner.save_state(request.adapter_id, request.path, request.include_optimizer)
+                return SaveOutput(str(path), self.runner.adapters.get(request.adapter_id).version)
+            if isinstance(request, LoadState):
+                self.runner.load_state(request.adapter_id, request.path)
+                return self._info(request.adapter_id)
+        except HotLoraError as err:
+            return err
+        return InvalidRequest(f"{type(request).__name__} is not a barrier")
+
+    def _info(self, adapter_id: str) -> AdapterInfo:
+        return next(info for info in self.runner.list_adapters() if info.adapter_id == adapter_id)
+
+    def _run_train(self, step: TrainSlice) -> Done:
+        calls: list[ForwardBackwardCall] = []
+        ids: list[str] = []
+        done: Done = []
+        for item in step.items:
+            request = self._requests[item.request_id]
+            assert isinstance(request, ForwardBackward)
+            try:
+                calls.append(
+                    ForwardBackwardCall(request.adapter_id, request.datums, request.loss_fn, request.loss_config)
+                )
+                ids.append(item.request_id)
+            except HotLoraError as err:
+                done.append((item.request_id, err))
+        outputs = self.runner.forward_backward_many(calls)
+        done.extend(zip(ids, outputs, strict=True))
+        return done
+
+    def _run_decode(self, step: DecodeSlice) -> Done:
+        done: Done = []
+        for item in step.admit:
+            request = self._requests[item.request_id]
+            assert isinstance(request, Sample)
+            try:
+                sample = SampleRequest(
+                    request.request_id, request.adapter_id, request.prompt_tokens, request.n, request.params
+                )
+                self.sampler.add(sample)
+            except HotLoraError as err:
+                done.append((item.request_id, err))
+        for _ in range(step.steps):
+            for request_id, sequences in self.sampler.step():
+                version = sequences[0].adapter_version if sequences else 0
+                done.append((request_id, SampleOutput(sequences, version)))
+            done.extend(self.sampler.pop_failures().items())
+            if not self.sampler.has_unfinished():
+                break
+        return done
+
+
+def run(main: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine on uvloop when it is installed (the engine's production loop), else asyncio."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    return uvloop.run(main)
