@@ -265,5 +265,5 @@ class AdapterRegistry:
         for name in adapter.pairs:
             self.context.layers[name].detach_slot(slot)
         adapter.slot = None
-        self._free_slots.insert(0, slot)
+        self._free_slots.append(slot)
         self._lru.pop(adapter.adapter_id, None)

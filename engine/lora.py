@@ -10,6 +10,7 @@ The base weights are never copied per adapter.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -48,6 +49,9 @@ class LoraBatch:
 
     runs: list[Run]
     num_rows: int
+    # Per-batch scratch the layers share, e.g. the stacked path's row masks (same for every layer
+    # that serves the same adapters).
+    scratch: dict[object, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_slots(cls, slots: Sequence[int]) -> LoraBatch:
@@ -64,9 +68,13 @@ class LoraBatch:
 class LoraContext:
     """Shared by all layers of one model: the active batch and the compute backend."""
 
-    backend: str = "auto"  # auto | segment | grouped | reference
+    backend: str = "auto"  # auto | segment | stacked | grouped | reference
     batch: LoraBatch | None = None
     layers: dict[str, MultiLoRALinear] = field(default_factory=dict)
+
+
+# ``auto`` takes the stacked path at or below this many tokens (decode), the segment path above it.
+STACKED_MAX_TOKENS = 256
 
 
 def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
@@ -113,28 +121,63 @@ class MultiLoRALinear(nn.Module):
         backend = self.context.backend
         lora_dtype = self.slots[active[0].slot].A.dtype
         if backend == "auto":
-            backend = "grouped" if grouped_mm_supported(x.device, lora_dtype) and len(active) > 1 else "segment"
+            if len(active) == 1:
+                backend = "segment"
+            elif x.numel() // x.shape[-1] <= STACKED_MAX_TOKENS:
+                backend = "stacked"
+            else:
+                backend = "grouped" if grouped_mm_supported(x.device, lora_dtype) else "segment"
         if backend == "reference":
             return out + self._delta_reference(x, active).to(out.dtype)
+        if backend == "stacked":
+            return out + self._delta_stacked(x, active, batch).to(out.dtype)
         if backend == "grouped":
             return out + self._delta_grouped(x, batch.runs).to(out.dtype)
-        return self._add_delta_segments(out, x, active)
+        return self._add_delta_segments(out, x, batch.runs)
 
-    def _add_delta_segments(self, out: torch.Tensor, x: torch.Tensor, active: list[Run]) -> torch.Tensor:
-        """One pair of small matmuls per run of same-adapter rows; rows of other runs untouched."""
-        pieces: list[torch.Tensor] = []
-        cursor = 0
-        for run in active:
-            if run.start > cursor:
-                pieces.append(out[cursor : run.start])
-            pair = self.slots[run.slot]
-            xs = x[run.start : run.end].to(pair.A.dtype)
-            delta = (xs @ pair.A.t()) @ pair.B.t()
-            pieces.append(out[run.start : run.end] + (delta * pair.scale).to(out.dtype))
-            cursor = run.end
-        if cursor < out.shape[0]:
-            pieces.append(out[cursor:])
-        return torch.cat(pieces, dim=0) if len(pieces) > 1 else pieces[0]
+    def _add_delta_segments(self, out: torch.Tensor, x: torch.Tensor, runs: list[Run]) -> torch.Tensor:
+        """One pair of small matmuls per run of same-adapter rows; rows of other runs get an exact zero.
+
+        ``x`` is cut with ONE ``split`` and the deltas joined with ONE ``cat``, so the backward is one
+        concatenation too: slicing per run would make autograd zero-fill a full-size gradient per run.
+        The scale multiplies the rank-wide hidden, not the output-wide delta.
+        """
+        pieces = [x] if len(runs) == 1 else torch.split(x, [run.end - run.start for run in runs])
+        deltas: list[torch.Tensor] = []
+        for run, xs in zip(runs, pieces, strict=True):
+            pair = self.slots.get(run.slot)
+            if pair is None:
+                deltas.append(out.new_zeros(*xs.shape[:-1], self.out_features))
+                continue
+            hidden = (xs.to(pair.A.dtype) @ pair.A.t()) * pair.scale
+            deltas.append((hidden @ pair.B.t()).to(out.dtype))
+        return out + (torch.cat(deltas) if len(deltas) > 1 else deltas[0])
+
+    def _delta_stacked(self, x: torch.Tensor, active: list[Run], batch: LoraBatch) -> torch.Tensor:
+        """Every active adapter side by side: ONE ``x @ [A_1; A_2; ...].T``, a mask keeping each row's own
+        (scaled) rank columns, ONE ``@ [B_1, B_2, ...].T``.
+
+        That is K times the segment path's LoRA flops, but a fixed number of ops whatever K is: the
+        right trade for decode, where rows are few and per-op overhead is the whole bill. Rows outside
+        ``active`` have an all-zero mask row, so their delta is an exact zero.
+        """
+        slots = list(dict.fromkeys(run.slot for run in active))
+        pairs = [self.slots[slot] for slot in slots]
+        ranks = [pair.A.shape[0] for pair in pairs]
+        dtype = pairs[0].A.dtype
+        key = ("stacked-mask", tuple(zip(slots, ranks, [pair.scale for pair in pairs], strict=True)))
+        mask = batch.scratch.get(key)
+        if mask is None:
+            offsets = dict(zip(slots, itertools.accumulate([0, *ranks[:-1]]), strict=True))
+            mask = torch.zeros(batch.num_rows, sum(ranks), dtype=dtype)
+            for run in active:
+                pair = self.slots[run.slot]
+                mask[run.start : run.end, offsets[run.slot] : offsets[run.slot] + pair.A.shape[0]] = pair.scale
+            mask = mask.to(x.device)
+            batch.scratch[key] = mask
+        hidden = x.to(dtype) @ torch.cat([p.A for p in pairs]).t()
+        hidden = hidden * mask.view(mask.shape[0], *([1] * (x.dim() - 2)), mask.shape[1])
+        return hidden @ torch.cat([p.B for p in pairs], dim=1).t()
 
     def _delta_grouped(self, x: torch.Tensor, runs: list[Run]) -> torch.Tensor:
         """All runs in two grouped GEMMs; ranks are zero-padded to the largest, which adds nothing."""
@@ -185,7 +228,7 @@ def inject_multi_lora(model: nn.Module, backend: str = "auto") -> LoraContext:
     All candidate modules are wrapped once at load time; each adapter then attaches only to the
     modules in its own target set.
     """
-    if backend not in ("auto", "segment", "grouped", "reference"):
+    if backend not in ("auto", "segment", "stacked", "grouped", "reference"):
         raise InvalidRequest(f"unknown LoRA backend {backend!r}")
     context = LoraContext(backend=backend)
     targets = [

@@ -23,7 +23,9 @@ def recipe_for(pretrain: bool, seed: int = 0, steps: int | None = None) -> TinyM
     return TinyModelRecipe(seed=seed, pretrain_steps=DEFAULT_PRETRAIN_STEPS if steps is None else steps)
 
 
-def init_model(out_dir: Path, pretrain: bool = False, seed: int = 0, steps: int | None = None, force: bool = False) -> Path:
+def init_model(
+    out_dir: Path, pretrain: bool = False, seed: int = 0, steps: int | None = None, force: bool = False
+) -> Path:
     """Build (or take from the cache) the recipe's model and copy it to ``out_dir``."""
     if out_dir.exists() and any(out_dir.iterdir()) and not force:
         raise SystemExit(f"error: {out_dir} exists and is not empty (use --force to overwrite)")

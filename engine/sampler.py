@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from hotlora.engine.adapters import Adapter
-from hotlora.engine.errors import HotLoraError, InvalidRequest, UnknownAdapter
+from hotlora.engine.errors import CapacityExceeded, HotLoraError, InvalidRequest, UnknownAdapter
 from hotlora.engine.lora import lora_batch
 from hotlora.engine.runner import ModelRunner
 
@@ -112,6 +112,7 @@ class _Request:
     version: int = 0
     results: list[SampledSequence | None] = field(default_factory=list)
     remaining: int = 0
+    pinned: bool = False  # holds one pin on its adapter (resident, fixed slot) from admission to release
 
 
 @dataclass(eq=False)
@@ -231,7 +232,7 @@ class NativeSampler:
         state = _Request(
             request=SampleRequest(rid, request.adapter_id, prompt, request.n, params),
             adapter=adapter,
-            slot=-1 if adapter is None else adapter.slot,
+            slot=-1,  # known once admission pins the adapter into a resident slot
             order=next(self._order),
             stop_ids=self.eos_ids | frozenset(stop_ids),
             stop_strings=stop_strings,
@@ -256,6 +257,7 @@ class NativeSampler:
         state = self._requests.pop(request_id, None)
         if state is None:
             return False
+        self._release(state)
         if state in self._waiting:
             self._waiting.remove(state)
         else:
@@ -266,12 +268,24 @@ class NativeSampler:
     def abort_all(self) -> list[str]:
         """Drop every waiting and running request (after a failed step left the cache suspect)."""
         request_ids = list(self._requests)
+        for state in self._requests.values():
+            self._release(state)
         self._requests.clear()
         self._waiting.clear()
         self._rows = []
         self._set_cache([], 0)
         self._rebuild()
         return request_ids
+
+    def _release(self, state: _Request) -> None:
+        """Give back the request's pin, once, unless its adapter is gone (a delete drops its pins)."""
+        if not state.pinned:
+            return
+        state.pinned = False
+        adapter_id = state.request.adapter_id
+        registry = self.runner.adapters
+        if adapter_id is not None and adapter_id in registry and registry.get(adapter_id) is state.adapter:
+            registry.unpin(adapter_id)
 
     def pop_failures(self) -> dict[str, HotLoraError]:
         """Requests dropped by the sampler itself (their adapter was deleted or replaced), by request id."""
@@ -329,7 +343,14 @@ class NativeSampler:
         free = self.max_rows - len(self._rows)
         admitted: list[tuple[_Request, list[tuple[torch.Tensor, torch.Tensor]] | None]] = []
         while self._waiting and self._waiting[0].request.n <= free:
-            state = self._waiting.popleft()
+            state = self._waiting[0]
+            if state.adapter is not None:
+                try:
+                    state.slot = self.runner.adapters.pin(state.request.adapter_id).slot
+                except CapacityExceeded:
+                    break  # every resident slot is pinned by running rows: wait for some to finish
+                state.pinned = True
+            self._waiting.popleft()
             free -= state.request.n
             admitted.append((state, self._prefill(state)))
         if admitted:
@@ -524,6 +545,7 @@ class NativeSampler:
             state.remaining -= 1
             if state.remaining == 0:
                 del self._requests[state.request.request_id]
+                self._release(state)
                 completed.append((state.request.request_id, [s for s in state.results if s is not None]))
         self._retire(finished)
         return completed

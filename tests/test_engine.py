@@ -80,9 +80,7 @@ def make_engine(path: Path) -> Engine:
 def test_four_concurrent_experiments_match_sequential_runs(tiny_model_path: Path) -> None:
     async def main() -> dict[str, list[tuple[int, list[int], float, int]]]:
         async with make_engine(tiny_model_path) as engine:
-            results = await asyncio.wait_for(
-                asyncio.gather(*(experiment(engine, a) for a in ADAPTERS)), timeout=120
-            )
+            results = await asyncio.wait_for(asyncio.gather(*(experiment(engine, a) for a in ADAPTERS)), timeout=120)
             infos = await engine.list_adapters()
             assert {i.adapter_id: i.version for i in infos} == {a: STEPS for a in ADAPTERS}
             assert next(engine.steps) > STEPS * 3, "work of several adapters shared the engine's steps"
@@ -108,7 +106,7 @@ def test_version_semantics_follow_submission_order(tiny_model_path: Path) -> Non
         async with make_engine(tiny_model_path) as engine:
             await engine.create_adapter("v", LoraSpec(rank=4))
             prompt = [1, 5, 6, 7]
-            datum = Datum.from_sequence(prompt + [8, 9])
+            datum = Datum.from_sequence([*prompt, 8, 9])
             await engine.forward_backward("v", [datum])
             first = asyncio.ensure_future(engine.sample("v", prompt, params=GREEDY))
             await asyncio.sleep(0)

@@ -32,7 +32,10 @@ def make_calls(runner: ModelRunner, ids: list[str], seed: int = 0) -> list[Forwa
     calls = []
     for i, adapter_id in enumerate(ids):
         rl = i % 2 == 1
-        datums = [random_datum(gen, runner.base.vocab_size, int(torch.randint(5, 24, (1,), generator=gen)), rl) for _ in range(2)]
+        datums = [
+            random_datum(gen, runner.base.vocab_size, int(torch.randint(5, 24, (1,), generator=gen)), rl)
+            for _ in range(2)
+        ]
         loss_fn = ["cross_entropy", "importance_sampling", "cross_entropy", "ppo", "cross_entropy", "cispo"][i % 6]
         calls.append(ForwardBackwardCall(adapter_id, datums, loss_fn))
     return calls
@@ -144,6 +147,8 @@ def test_peft_style_initialisation_is_seeded(runner: ModelRunner) -> None:
 
 def test_adapter_targets_only_its_modules(runner: ModelRunner) -> None:
     adapter = runner.create_adapter("attn", LoraSpec(rank=2, targets="attention"))
-    assert adapter.pairs and all(name.rsplit(".", 1)[-1] in {"q_proj", "k_proj", "v_proj", "o_proj"} for name in adapter.pairs)
+    assert adapter.pairs and all(
+        name.rsplit(".", 1)[-1] in {"q_proj", "k_proj", "v_proj", "o_proj"} for name in adapter.pairs
+    )
     mlp = runner.create_adapter("mlp", LoraSpec(rank=2, targets="mlp"))
     assert all(name.rsplit(".", 1)[-1] in {"gate_proj", "up_proj", "down_proj"} for name in mlp.pairs)

@@ -15,6 +15,7 @@ from hotlora.engine import adapters as adapters_module
 from hotlora.engine.errors import CapacityExceeded, InvalidRequest
 from hotlora.engine.runner import ModelRunner, RunnerConfig
 from hotlora.engine.types import AdamParams, Datum, ForwardBackwardCall, LoraSpec
+from tests.helpers import perturb_b
 
 SPECS = [
     LoraSpec(rank=4, targets="all-linear", seed=1),
@@ -232,3 +233,35 @@ def test_lifecycle_with_offloaded_adapters(tiny_model_path: Path, tmp_path: Path
     assert len(registry) == 4 and registry.resident_ids() == ["a2"]
     with pytest.raises(CapacityExceeded):
         registry.acquire(["a1", "a2", "a3"])
+
+
+def test_sampling_with_two_slots_matches_all_resident(tiny_model_path: Path, copying_transfer: None) -> None:
+    """Five adapters' samples through a 2-slot runner: the sampler pins admitted adapters, the rest wait."""
+    from hotlora.engine.sampler import NativeSampler, SampleRequest, SamplingParams
+
+    reference = make_runner(tiny_model_path, "cpu", resident_slots=None)
+    offloading = make_runner(tiny_model_path, "cpu", resident_slots=2)
+    drive(offloading)
+    drive(reference, split_like=offloading)
+    for i, adapter_id in enumerate(IDS):  # a few steps barely move a random base; make adapters differ
+        perturb_b(reference, adapter_id, seed=i, std=0.5)
+        perturb_b(offloading, adapter_id, seed=i, std=0.5)
+    results = {}
+    for name, runner in (("ref", reference), ("off", offloading)):
+        sampler = NativeSampler(runner, max_rows=32)
+        for i, adapter_id in enumerate(IDS * 2):
+            params = SamplingParams(max_tokens=8, temperature=1.5 if i % 2 else 0.0, seed=i)
+            sampler.add(SampleRequest(f"r{i}", adapter_id, [1, 5 + i, 9, 12], n=2, params=params))
+        done: dict[str, list] = {}
+        for _ in range(200):
+            if name == "off":
+                assert len(offloading.adapters.pinned_ids()) <= 2
+            done.update(sampler.step())
+            if not sampler.has_unfinished():
+                break
+        assert not sampler.has_unfinished()
+        assert runner.adapters.pinned_ids() == set(), "every finished request gave its pin back"
+        results[name] = {rid: [(s.tokens, s.adapter_version) for s in seqs] for rid, seqs in done.items()}
+    assert results["off"] == results["ref"]
+    assert len({str(v) for v in results["ref"].values()}) > len(IDS), "adapters and seeds gave distinct outputs"
+    assert_offloaded_cleanly(offloading)

@@ -292,10 +292,14 @@ def test_admission_abort_and_bookkeeping(adapters: ModelRunner) -> None:
 
 def test_deleting_an_adapter_fails_only_its_requests(adapters: ModelRunner) -> None:
     runner = adapters
-    sampler = NativeSampler(runner)
-    sampler.add(SampleRequest("doomed", "a-mlp", PROMPTS[0], 2, GREEDY))
+    sampler = NativeSampler(runner, max_rows=2)
+    sampler.add(SampleRequest("running", "a-mlp", PROMPTS[2], 2, GREEDY))
+    sampler.add(SampleRequest("doomed", "a-mlp", PROMPTS[0], 2, GREEDY))  # waits: no free rows
     sampler.add(SampleRequest("fine", "a-all", PROMPTS[1], 1, GREEDY))
     sampler.step()
+    with pytest.raises(InvalidRequest, match="pinned"):
+        runner.delete_adapter("a-mlp")  # admitted rows pin their adapter: it cannot vanish under them
+    sampler.abort("running")
     runner.delete_adapter("a-mlp")
     runner.create_adapter("a-mlp", SPECS["a-mlp"])  # a new adapter with the same id is not the old one
     results = run_to_completion(sampler)
@@ -303,6 +307,7 @@ def test_deleting_an_adapter_fails_only_its_requests(adapters: ModelRunner) -> N
     assert set(failures) == {"doomed"} and isinstance(failures["doomed"], UnknownAdapter)
     assert set(results) == {"fine"}
     assert_same(results["fine"][0], solo(runner, "a-all", PROMPTS[1], GREEDY))
+    assert runner.adapters.pinned_ids() == set()
 
 
 @pytest.mark.parametrize(

@@ -54,7 +54,9 @@ def test_optim_step_on_one_adapter_leaves_the_others_bit_identical(runner: Model
 def test_packing_respects_the_token_budget_and_keeps_every_row() -> None:
     gen = torch.Generator().manual_seed(0)
     calls = [
-        ForwardBackwardCall(f"a{i}", [random_datum(gen, 100, int(n)) for n in torch.randint(3, 40, (5,), generator=gen)])
+        ForwardBackwardCall(
+            f"a{i}", [random_datum(gen, 100, int(n)) for n in torch.randint(3, 40, (5,), generator=gen)]
+        )
         for i in range(4)
     ]
     slots = {f"a{i}": 3 - i for i in range(4)}
@@ -70,7 +72,9 @@ def test_packing_respects_the_token_budget_and_keeps_every_row() -> None:
 
 def test_oversized_datum_runs_alone() -> None:
     gen = torch.Generator().manual_seed(0)
-    calls = [ForwardBackwardCall("a", [random_datum(gen, 50, 10), random_datum(gen, 50, 300), random_datum(gen, 50, 10)])]
+    calls = [
+        ForwardBackwardCall("a", [random_datum(gen, 50, 10), random_datum(gen, 50, 300), random_datum(gen, 50, 10)])
+    ]
     batches = pack_forward_backward(calls, {"a": 0}, token_budget=64)
     assert [len(b.rows) for b in batches] == [1, 1, 1]
 
