@@ -1,0 +1,27 @@
+"""The README's Python example runs as written (with the tiny model in place of a user's model)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def python_blocks() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+
+
+def test_readme_engine_example_runs(
+    tiny_model_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    blocks = python_blocks()
+    assert blocks, "README.md lost its Python example"
+    monkeypatch.chdir(tmp_path)
+    code = blocks[0].replace('"path/to/any/hf/causal-lm"', repr(str(tiny_model_path)))
+    exec(compile(code, str(README), "exec"), {"__name__": "readme"})
+    out = capsys.readouterr().out
+    assert "exp-1 sampled with version 2 now at 3" in out and "exp-2 sampled with version 2 now at 3" in out
+    assert (tmp_path / "ckpt" / "exp-1" / "adapter_model.safetensors").is_file()
