@@ -254,18 +254,20 @@ class Engine:
     # ----- step execution (worker thread only) -----
 
     def _execute(self, step: Step) -> Done:
+        done: Done = []
         try:
             if isinstance(step, RunBarrier):
-                return [(step.item.request_id, self._run_barrier(self._requests[step.item.request_id]))]
-            if isinstance(step, TrainSlice):
-                return self._run_train(step)
-            if isinstance(step, DecodeSlice):
-                return self._run_decode(step)
+                done.append((step.item.request_id, self._run_barrier(self._requests[step.item.request_id])))
+            elif isinstance(step, TrainSlice):
+                self._run_train(step, done)
+            elif isinstance(step, DecodeSlice):
+                self._run_decode(step, done)
         except Exception as err:  # a bug or OOM must fail this step's requests, not kill the engine
             log.exception("step_failed", step=type(step).__name__)
-            ids = self._step_request_ids(step)
-            return [(rid, InternalError(f"{type(err).__name__}: {err}")) for rid in ids]
-        return []
+            finished = {request_id for request_id, _ in done}
+            error = InternalError(f"{type(err).__name__}: {err}")
+            done.extend((rid, error) for rid in self._step_request_ids(step) if rid not in finished)
+        return done
 
     def _step_request_ids(self, step: Step) -> list[str]:
         if isinstance(step, RunBarrier):
@@ -300,10 +302,9 @@ class Engine:
     def _info(self, adapter_id: str) -> AdapterInfo:
         return next(info for info in self.runner.list_adapters() if info.adapter_id == adapter_id)
 
-    def _run_train(self, step: TrainSlice) -> Done:
+    def _run_train(self, step: TrainSlice, done: Done) -> None:
         calls: list[ForwardBackwardCall] = []
         ids: list[str] = []
-        done: Done = []
         for item in step.items:
             request = self._requests[item.request_id]
             assert isinstance(request, ForwardBackward)
@@ -316,10 +317,9 @@ class Engine:
                 done.append((item.request_id, err))
         outputs = self.runner.forward_backward_many(calls)
         done.extend(zip(ids, outputs, strict=True))
-        return done
 
-    def _run_decode(self, step: DecodeSlice) -> Done:
-        done: Done = []
+    def _run_decode(self, step: DecodeSlice, done: Done) -> None:
+        """Admit, then decode; ``done`` fills as requests finish, so a later failure loses none of them."""
         for item in step.admit:
             request = self._requests[item.request_id]
             assert isinstance(request, Sample)
@@ -337,7 +337,6 @@ class Engine:
             done.extend(self.sampler.pop_failures().items())
             if not self.sampler.has_unfinished():
                 break
-        return done
 
 
 def run(main: Coroutine[Any, Any, T]) -> T:

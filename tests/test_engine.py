@@ -204,3 +204,33 @@ def test_a_failing_step_fails_its_requests_and_the_engine_recovers(
             assert out.sequences[0].tokens
 
     asyncio.run(main())
+
+
+def test_requests_finished_before_a_failure_in_the_same_slice_keep_their_results(
+    tiny_model_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def main() -> None:
+        config = EngineConfig(max_decode_rows=16, scheduler=SchedulerPolicy(decode_steps_per_slice=8))
+        runner = ModelRunner.from_pretrained(tiny_model_path, dtype="float32", device="cpu", config=RunnerConfig())
+        async with Engine(runner, config) as engine:
+            await engine.create_adapter("g", LoraSpec(rank=2))
+            original = engine.sampler.step
+            calls = 0
+
+            def fails_on_third_step() -> list:
+                nonlocal calls
+                calls += 1
+                if calls == 3:
+                    raise RuntimeError("fault after the short request finished")
+                return original()
+
+            monkeypatch.setattr(engine.sampler, "step", fails_on_third_step)
+            short = engine.sample("g", [1, 2, 3], params=SamplingParams(max_tokens=1, temperature=0.0))
+            long = engine.sample("g", [1, 2, 4], params=SamplingParams(max_tokens=20, temperature=0.0))
+            results = await asyncio.wait_for(asyncio.gather(short, long, return_exceptions=True), timeout=30)
+            assert not isinstance(results[0], Exception) and len(results[0].sequences[0].tokens) == 1
+            assert isinstance(results[1], HotLoraError) and results[1].code == "internal"
+            monkeypatch.setattr(engine.sampler, "step", original)
+            await asyncio.wait_for(engine.optim_step("g"), timeout=30)  # the adapter's barrier is not stuck
+
+    asyncio.run(main())
