@@ -93,6 +93,8 @@ class MultiLoRALinear(nn.Module):
         self.context = context
         # Tensors are owned by the adapter objects; the layer only indexes them by slot.
         self.slots: dict[int, LoraPair] = {}
+        self._stack: tuple[torch.Tensor, torch.Tensor] | None = None  # see _stacked_factors
+        self._stack_key: tuple[tuple[int | float, ...], ...] | None = None
 
     @property
     def in_features(self) -> int:
@@ -104,9 +106,11 @@ class MultiLoRALinear(nn.Module):
 
     def attach(self, slot: int, pair: LoraPair) -> None:
         self.slots[slot] = pair
+        self._stack_key = None
 
     def detach_slot(self, slot: int) -> None:
         self.slots.pop(slot, None)
+        self._stack_key = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
@@ -175,9 +179,31 @@ class MultiLoRALinear(nn.Module):
                 mask[run.start : run.end, offsets[run.slot] : offsets[run.slot] + pair.A.shape[0]] = pair.scale
             mask = mask.to(x.device)
             batch.scratch[key] = mask
-        hidden = x.to(dtype) @ torch.cat([p.A for p in pairs]).t()
+        a_t, b_t = self._stacked_factors(slots, pairs)
+        hidden = x.to(dtype) @ a_t
         hidden = hidden * mask.view(mask.shape[0], *([1] * (x.dim() - 2)), mask.shape[1])
-        return hidden @ torch.cat([p.B for p in pairs], dim=1).t()
+        return hidden @ b_t
+
+    def _stacked_factors(self, slots: list[int], pairs: list[LoraPair]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[A_1; ...; A_K].T`` and ``[B_1, ..., B_K].T``, reused across decode steps while nothing changed.
+
+        Concatenating every adapter's factors in every layer at every step was half of a mixed decode
+        step on CPU. Without autograd the stacks are reused while the same slots hold the same storage at
+        the same version: an ``optim_step`` or a checkpoint load bumps a tensor's ``_version``, an offload
+        or reload changes its ``data_ptr``, and attaching or detaching any slot drops the stack, so
+        sampling never sees stale weights. With autograd on (training) the stack is built fresh, inside the graph.
+        """
+        if torch.is_grad_enabled():
+            return torch.cat([p.A for p in pairs]).t(), torch.cat([p.B for p in pairs], dim=1).t()
+        key = tuple(
+            (slot, p.A.data_ptr(), p.A._version, p.B.data_ptr(), p.B._version, p.scale)
+            for slot, p in zip(slots, pairs, strict=True)
+        )
+        if self._stack_key != key or self._stack is None:
+            a_t = torch.cat([p.A for p in pairs]).t().contiguous()
+            b_t = torch.cat([p.B for p in pairs], dim=1).t().contiguous()
+            self._stack, self._stack_key = (a_t, b_t), key
+        return self._stack
 
     def _delta_grouped(self, x: torch.Tensor, runs: list[Run]) -> torch.Tensor:
         """All runs in two grouped GEMMs; ranks are zero-padded to the largest, which adds nothing."""

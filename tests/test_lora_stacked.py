@@ -70,3 +70,37 @@ def test_auto_stacks_few_tokens_and_segments_many(monkeypatch: pytest.MonkeyPatc
     with lora_batch(context, [1] * len(SLOTS)):
         layer(small)  # one adapter: nothing to stack
     assert chosen == ["_delta_stacked", "_add_delta_segments", "_add_delta_segments"]
+
+
+def test_stacked_factors_are_reused_until_a_weight_changes() -> None:
+    """Decode reuses the concatenated factors across steps; any change to an adapter must rebuild them."""
+    layer, context, pairs = make_layer()
+    context.backend = "stacked"
+    x = torch.randn(len(SLOTS), 1, 32, generator=torch.Generator().manual_seed(2))
+
+    def both() -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            with lora_batch(context, SLOTS):
+                context.backend = "stacked"
+                stacked = layer(x)
+            with lora_batch(context, SLOTS):
+                context.backend = "reference"
+                reference = layer(x)
+        return stacked, reference
+
+    first, _ = both()
+    cached = layer._stack
+    again, _ = both()
+    assert layer._stack is cached and torch.equal(first, again), "unchanged weights: the stack is reused"
+    with torch.no_grad():
+        pairs[1].B.add_(0.5)  # what an optim_step does: in place
+    stacked, reference = both()
+    assert not torch.equal(stacked, first) and max_rel_error(stacked, reference) <= 1e-6
+    pairs[0].A.data = pairs[0].A.data * 2.0  # an offload/reload-style storage swap
+    stacked, reference = both()
+    assert max_rel_error(stacked, reference) <= 1e-6
+    gen = torch.Generator().manual_seed(5)
+    layer.detach_slot(2)
+    layer.attach(2, LoraPair(A=torch.randn(5, 32, generator=gen), B=torch.randn(24, 5, generator=gen), scale=0.3))
+    stacked, reference = both()
+    assert max_rel_error(stacked, reference) <= 1e-6
