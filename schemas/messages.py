@@ -1,0 +1,310 @@
+"""Every hotlora wire message as a msgspec Struct: one tagged union, discriminated by ``type``.
+
+The envelope (``Message``) is shared by all messages so an edge can route, order, correlate and time
+any message without knowing its verb. Fields are encoded as a MessagePack map with the tag first,
+then the envelope, then the verb's fields; ``docs/protocol.md`` is the language-neutral spec.
+
+Per-token arrays are packed bytes (``I32Array``/``F32Array``); per-datum or per-request scalars are
+plain MessagePack numbers. Semantic checks (a positive rank, a known loss) stay in the engine's own
+types, so the rules live in one place; the wire only checks shape.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Annotated
+
+import msgspec
+
+from hotlora.schemas.arrays import F32Array, I32Array
+
+SCHEMA_VERSION = 1
+SUPPORTED_VERSIONS: frozenset[int] = frozenset({SCHEMA_VERSION})
+
+NonNegative = Annotated[int, msgspec.Meta(ge=0)]
+Positive = Annotated[int, msgspec.Meta(ge=1)]
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _check_arrays(struct: msgspec.Struct, itemsizes: dict[str, int]) -> None:
+    """Raise ``ValueError`` (msgspec turns it into a ValidationError with the field's path)."""
+    for name, itemsize in itemsizes.items():
+        value = getattr(struct, name)
+        for data in value if isinstance(value, list) else [value]:
+            if data is not None and len(data) % itemsize:
+                raise ValueError(f"packed array `{name}` has {len(data)} bytes, not a multiple of {itemsize}")
+
+
+class Message(msgspec.Struct, tag_field="type", kw_only=True, frozen=True):
+    """The envelope. On the wire every envelope field is required, even though Python fills defaults.
+
+    ``adapter_id`` is "" where no adapter applies (list_adapters, heartbeat, sampling the plain base);
+    ``seq`` is the agent's per-adapter sequence number (0 = unordered).
+    """
+
+    v: NonNegative = SCHEMA_VERSION
+    request_id: str = msgspec.field(default_factory=new_request_id)
+    adapter_id: str = ""
+    seq: NonNegative = 0
+    reply_to: str = ""
+    sent_at_ms: NonNegative = msgspec.field(default_factory=now_ms)
+
+
+# ----- requests (agent -> engine) -----
+
+
+class Request(Message, kw_only=True, frozen=True):
+    """Base of the eight verbs; the engine answers each with ``<verb>_result`` or ``error``."""
+
+
+class CreateAdapter(Request, tag="create_adapter", kw_only=True, frozen=True):
+    """A new LoRA adapter; ``targets`` is a preset name or a list of module-name suffixes."""
+
+    rank: Positive = 16
+    alpha: float = 32.0
+    targets: str | list[str] = "all-linear"
+    seed: int = 0
+    weight: float = 1.0  # the adapter's share of tokens in the scheduler's fair queue
+
+
+class DeleteAdapter(Request, tag="delete_adapter", kw_only=True, frozen=True):
+    pass
+
+
+class ListAdapters(Request, tag="list_adapters", kw_only=True, frozen=True):
+    pass
+
+
+class Sample(Request, tag="sample", kw_only=True, frozen=True):
+    """``n`` completions of one prompt; ``adapter_id=""`` samples the plain base model."""
+
+    prompt_tokens: I32Array
+    n: Positive = 1
+    max_tokens: Positive = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: NonNegative = 0
+    stop: list[str | int] = msgspec.field(default_factory=list)
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_arrays(self, {"prompt_tokens": 4})
+
+
+class Datum(msgspec.Struct, kw_only=True, frozen=True):
+    """One training sequence: ``input_tokens[t]`` predicts ``target_tokens[t]`` with ``weights[t]``.
+
+    ``weights=None`` means all ones; RL losses also read ``logprobs`` and ``advantages`` per token.
+    """
+
+    input_tokens: I32Array
+    target_tokens: I32Array
+    weights: F32Array | None = None
+    logprobs: F32Array | None = None
+    advantages: F32Array | None = None
+
+    def __post_init__(self) -> None:
+        _check_arrays(self, {"input_tokens": 4, "target_tokens": 4, "weights": 4, "logprobs": 4, "advantages": 4})
+
+
+class ForwardBackward(Request, tag="forward_backward", kw_only=True, frozen=True):
+    """Gradients accumulate in the adapter until its next ``optim_step``."""
+
+    datums: list[Datum]
+    loss_fn: str = "cross_entropy"
+    loss_config: dict[str, float] = msgspec.field(default_factory=dict)
+
+
+class OptimStep(Request, tag="optim_step", kw_only=True, frozen=True):
+    """One AdamW step; the defaults are the Tinker SDK's."""
+
+    learning_rate: float = 1e-4
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-12
+    weight_decay: float = 0.0
+    grad_clip_norm: float = 1.0
+
+
+class SaveState(Request, tag="save_state", kw_only=True, frozen=True):
+    """``include_optimizer=False`` is ``save_weights_for_sampler``: PEFT weights only."""
+
+    path: str
+    include_optimizer: bool = True
+
+
+class LoadState(Request, tag="load_state", kw_only=True, frozen=True):
+    """Creates or replaces ``adapter_id`` from a checkpoint directory."""
+
+    path: str
+
+
+# ----- results (engine -> agent's reply_to) -----
+
+
+class Result(Message, kw_only=True, frozen=True):
+    """Echoes the request's envelope; adds when the engine received and finished it."""
+
+    received_at_ms: NonNegative = 0
+    finished_at_ms: NonNegative = 0
+
+
+class AdapterInfo(msgspec.Struct, kw_only=True, frozen=True):
+    """An adapter as the engine sees it; ``slot=None`` while offloaded from the device."""
+
+    adapter_id: str
+    slot: int | None
+    resident: bool
+    rank: int
+    alpha: float
+    targets: list[str]
+    version: NonNegative
+    num_parameters: NonNegative
+
+
+class CreateAdapterResult(Result, tag="create_adapter_result", kw_only=True, frozen=True):
+    adapter: AdapterInfo
+
+
+class DeleteAdapterResult(Result, tag="delete_adapter_result", kw_only=True, frozen=True):
+    pass
+
+
+class ListAdaptersResult(Result, tag="list_adapters_result", kw_only=True, frozen=True):
+    adapters: list[AdapterInfo]
+
+
+class SampledSequence(msgspec.Struct, kw_only=True, frozen=True):
+    """Generated tokens (including the stop token that ended it) and their raw logprobs."""
+
+    tokens: I32Array
+    logprobs: F32Array
+    stop_reason: str  # "stop" | "length"
+    adapter_version: NonNegative
+
+    def __post_init__(self) -> None:
+        _check_arrays(self, {"tokens": 4, "logprobs": 4})
+
+
+class SampleResult(Result, tag="sample_result", kw_only=True, frozen=True):
+    sequences: list[SampledSequence]
+    adapter_version: NonNegative
+
+
+class ForwardBackwardResult(Result, tag="forward_backward_result", kw_only=True, frozen=True):
+    """Per-datum ``losses`` and per-datum packed target ``logprobs``, in the request's datum order."""
+
+    losses: list[float]
+    logprobs: list[F32Array]
+    num_tokens: NonNegative
+
+    def __post_init__(self) -> None:
+        _check_arrays(self, {"logprobs": 4})
+
+
+class OptimStepResult(Result, tag="optim_step_result", kw_only=True, frozen=True):
+    version: NonNegative
+    grad_norm: float
+
+
+class SaveStateResult(Result, tag="save_state_result", kw_only=True, frozen=True):
+    path: str
+    version: NonNegative
+
+
+class LoadStateResult(Result, tag="load_state_result", kw_only=True, frozen=True):
+    adapter: AdapterInfo
+
+
+class Error(Result, tag="error", kw_only=True, frozen=True):
+    """A failed request: ``code`` is a stable name (``docs/protocol.md`` lists them)."""
+
+    code: str
+    message: str
+
+
+# ----- events (engine -> topic) -----
+
+
+class Event(Message, kw_only=True, frozen=True):
+    """Published by the engine on its own; ``request_id`` is a fresh id unless a request caused it."""
+
+
+class CheckpointEvent(Event, tag="checkpoint", kw_only=True, frozen=True):
+    """A checkpoint the engine wrote: ``step`` is the adapter version, ``sha256`` the directory digest.
+
+    The digest is ``engine.checkpoint.directory_sha256``, so a reader can verify the whole directory.
+    """
+
+    path: str
+    step: NonNegative
+    sha256: str
+    include_optimizer: bool = False
+
+
+class Heartbeat(Event, tag="heartbeat", kw_only=True, frozen=True):
+    """Liveness plus the cheap load numbers an agent or autoscaler needs."""
+
+    engine_id: str
+    steps: NonNegative = 0
+    queued_requests: NonNegative = 0
+    running_rows: NonNegative = 0
+
+
+class EngineStatus(Event, tag="engine_status", kw_only=True, frozen=True):
+    """A fuller snapshot: model, limits and every adapter, published at start, stop and on change."""
+
+    engine_id: str
+    model: str
+    state: str  # "starting" | "running" | "draining" | "stopped"
+    max_adapters: NonNegative = 0
+    max_decode_rows: NonNegative = 0
+    adapters: list[AdapterInfo] = msgspec.field(default_factory=list)
+
+
+RequestMessage = (
+    CreateAdapter | DeleteAdapter | ListAdapters | Sample | ForwardBackward | OptimStep | SaveState | LoadState
+)
+ResultMessage = (
+    CreateAdapterResult
+    | DeleteAdapterResult
+    | ListAdaptersResult
+    | SampleResult
+    | ForwardBackwardResult
+    | OptimStepResult
+    | SaveStateResult
+    | LoadStateResult
+    | Error
+)
+EventMessage = CheckpointEvent | Heartbeat | EngineStatus
+AnyMessage = RequestMessage | ResultMessage | EventMessage
+
+REQUEST_TYPES: tuple[type[Request], ...] = RequestMessage.__args__  # type: ignore[attr-defined]
+RESULT_TYPES: tuple[type[Result], ...] = ResultMessage.__args__  # type: ignore[attr-defined]
+EVENT_TYPES: tuple[type[Event], ...] = EventMessage.__args__  # type: ignore[attr-defined]
+MESSAGE_TYPES: tuple[type[Message], ...] = REQUEST_TYPES + RESULT_TYPES + EVENT_TYPES
+
+# Each request's success result, so the engine edge and the SDK agree on what answers what.
+RESULT_FOR: dict[type[Request], type[Result]] = {
+    CreateAdapter: CreateAdapterResult,
+    DeleteAdapter: DeleteAdapterResult,
+    ListAdapters: ListAdaptersResult,
+    Sample: SampleResult,
+    ForwardBackward: ForwardBackwardResult,
+    OptimStep: OptimStepResult,
+    SaveState: SaveStateResult,
+    LoadState: LoadStateResult,
+}
+
+
+def tag_of(cls: type[Message]) -> str:
+    """The ``type`` string a message class is sent as."""
+    return str(cls.__struct_config__.tag)
