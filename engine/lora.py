@@ -68,15 +68,13 @@ class LoraBatch:
 class LoraContext:
     """Shared by all layers of one model: the active batch and the compute backend."""
 
-    backend: str = "auto"  # auto | segment | stacked | bmm | grouped | reference
+    backend: str = "auto"  # auto | segment | stacked | grouped | reference
     batch: LoraBatch | None = None
     layers: dict[str, MultiLoRALinear] = field(default_factory=dict)
 
 
-# ``auto`` takes the stacked path at or below this many tokens (decode), bmm or segment above it.
+# ``auto`` takes the stacked path at or below this many tokens (decode), the segment path above it.
 STACKED_MAX_TOKENS = 256
-# ``auto`` takes bmm while padding every run to the longest costs at most this factor in rows.
-BMM_MAX_PADDING = 1.25
 
 
 def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
@@ -127,29 +125,19 @@ class MultiLoRALinear(nn.Module):
         backend = self.context.backend
         lora_dtype = self.slots[active[0].slot].A.dtype
         if backend == "auto":
-            backend = self._auto_backend(x, active, lora_dtype)
+            if len(active) == 1:
+                backend = "segment"
+            elif x.numel() // x.shape[-1] <= STACKED_MAX_TOKENS:
+                backend = "stacked"
+            else:
+                backend = "grouped" if grouped_mm_supported(x.device, lora_dtype) else "segment"
         if backend == "reference":
             return out + self._delta_reference(x, active).to(out.dtype)
         if backend == "stacked":
             return out + self._delta_stacked(x, active, batch).to(out.dtype)
         if backend == "grouped":
             return out + self._delta_grouped(x, batch.runs).to(out.dtype)
-        if backend == "bmm":
-            return out + self._delta_bmm(x, active).to(out.dtype)
         return self._add_delta_segments(out, x, batch.runs)
-
-    @staticmethod
-    def _auto_backend(x: torch.Tensor, active: list[Run], lora_dtype: torch.dtype) -> str:
-        """Fewest ops for the shape: per-op overhead, not flops, is what mixing costs on small batches."""
-        if len(active) == 1:
-            return "segment"
-        if x.numel() // x.shape[-1] <= STACKED_MAX_TOKENS:
-            return "stacked"
-        if grouped_mm_supported(x.device, lora_dtype):
-            return "grouped"
-        lengths = [run.end - run.start for run in active]
-        padded = len(lengths) * max(lengths)
-        return "bmm" if padded <= BMM_MAX_PADDING * sum(lengths) else "segment"
 
     def _add_delta_segments(self, out: torch.Tensor, x: torch.Tensor, runs: list[Run]) -> torch.Tensor:
         """One pair of small matmuls per run of same-adapter rows; rows of other runs get an exact zero.
@@ -217,36 +205,6 @@ class MultiLoRALinear(nn.Module):
             self._stack, self._stack_key = (a_t, b_t), key
         return self._stack
 
-    def _delta_bmm(self, x: torch.Tensor, active: list[Run]) -> torch.Tensor:
-        """All runs in two batched matmuls: rows padded to the longest run, ranks to the largest.
-
-        A fixed number of ops whatever K is, at the price of padding (``auto`` bounds it by
-        ``BMM_MAX_PADDING``); the zero-padded rank columns add exactly nothing. When the runs tile the
-        batch in equal lengths, as the packer's rows usually do, the gather is a free reshape.
-        """
-        pairs = [self.slots[run.slot] for run in active]
-        lengths = [run.end - run.start for run in active]
-        longest, r_max = max(lengths), max(p.A.shape[0] for p in pairs)
-        lead = x.shape[1:-1]
-        a_stack = torch.stack([torch.nn.functional.pad(p.A.t() * p.scale, (0, r_max - p.A.shape[0])) for p in pairs])
-        b_stack = torch.stack([torch.nn.functional.pad(p.B.t(), (0, 0, 0, r_max - p.B.shape[1])) for p in pairs])
-        dtype = a_stack.dtype
-        tiled = len(set(lengths)) == 1 and active[0].start == 0 and active[-1].end == x.shape[0]
-        tiled = tiled and all(a.end == b.start for a, b in itertools.pairwise(active))
-        if tiled:
-            xs = x.to(dtype).reshape(len(active), -1, x.shape[-1])
-            return torch.bmm(torch.bmm(xs, a_stack), b_stack).reshape(*x.shape[:-1], self.out_features)
-        gather = torch.tensor(
-            [run.start + min(i, n - 1) for run, n in zip(active, lengths, strict=True) for i in range(longest)],
-            device=x.device,
-        )
-        xs = x.to(dtype).index_select(0, gather).reshape(len(active), -1, x.shape[-1])
-        y = torch.bmm(torch.bmm(xs, a_stack), b_stack).reshape(len(active) * longest, *lead, self.out_features)
-        keep = torch.tensor([k * longest + i for k, n in enumerate(lengths) for i in range(n)], device=x.device)
-        rows = torch.tensor([r for run in active for r in range(run.start, run.end)], device=x.device)
-        delta = y.new_zeros(x.shape[0], *lead, self.out_features)
-        return delta.index_copy(0, rows, y.index_select(0, keep))
-
     def _delta_grouped(self, x: torch.Tensor, runs: list[Run]) -> torch.Tensor:
         """All runs in two grouped GEMMs; ranks are zero-padded to the largest, which adds nothing."""
         lead = x.shape[1:-1]
@@ -296,7 +254,7 @@ def inject_multi_lora(model: nn.Module, backend: str = "auto") -> LoraContext:
     All candidate modules are wrapped once at load time; each adapter then attaches only to the
     modules in its own target set.
     """
-    if backend not in ("auto", "segment", "stacked", "bmm", "grouped", "reference"):
+    if backend not in ("auto", "segment", "stacked", "grouped", "reference"):
         raise InvalidRequest(f"unknown LoRA backend {backend!r}")
     context = LoraContext(backend=backend)
     targets = [
