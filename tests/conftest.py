@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
+from hotlora.engine.broker import EmbeddedBroker
 from hotlora.engine.runner import ModelRunner, RunnerConfig
 from hotlora.engine.tiny_model import TinyModelRecipe, ensure_tiny_model
 
@@ -29,3 +32,17 @@ def tiny_model_path(model_cache: Path) -> Path:
 def runner(tiny_model_path: Path) -> ModelRunner:
     torch.manual_seed(0)
     return ModelRunner.from_pretrained(tiny_model_path, dtype="float32", device="cpu", config=RunnerConfig())
+
+
+@pytest.fixture(scope="session")
+def broker() -> Iterator[EmbeddedBroker]:
+    """One real Kafka-wire broker (Tansu) for the session; tests use unique topic prefixes."""
+    with EmbeddedBroker() as running:
+        yield running
+
+
+@pytest.fixture
+def topic_prefix(request: pytest.FixtureRequest) -> str:
+    """A prefix unique to the test: Tansu breaks if a topic is deleted and recreated in one life."""
+    name = "".join(c if c.isalnum() else "-" for c in request.node.name)[:60]
+    return f"t-{name}-{uuid.uuid4().hex[:8]}"
