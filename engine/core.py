@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -102,7 +101,7 @@ class Engine:
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
         self._closing = False
-        self.steps = itertools.count()
+        self.steps_run = 0  # steps executed so far (heartbeats and tests read it)
 
     @classmethod
     def from_pretrained(
@@ -225,7 +224,7 @@ class Engine:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            next(self.steps)
+            self.steps_run += 1
             done = await self._run_in_worker(self._execute, step)
             self._finish(done)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,9 +18,69 @@ def _cmd_model_init(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from hotlora.engine.sft_demo import run_sft_demo
+    if args.in_process:
+        from hotlora.engine.sft_demo import run_sft_demo
 
-    return run_sft_demo(model_dir=args.model, steps=args.steps, seed=args.seed)
+        return run_sft_demo(model_dir=args.model, steps=args.steps or 100, seed=args.seed)
+    from hotlora.demo import main as demo_main
+
+    return demo_main(args.experiments, args.steps or 60, args.bootstrap, args.model, args.json, args.png)
+
+
+def _cmd_agent(args: argparse.Namespace) -> int:
+    import socket
+
+    from hotlora.agents.sft_agent import SftAgentConfig
+    from hotlora.agents.sft_agent import main as sft_main
+    from hotlora.engine.tiny_model import TinyModelRecipe, ensure_tiny_model
+
+    if args.task != "sft":
+        raise SystemExit(f"error: unknown task {args.task!r} (available: sft)")
+    if not args.bootstrap:
+        raise SystemExit("error: an agent needs a broker: pass --bootstrap HOST:PORT or set HOTLORA_BOOTSTRAP")
+    config = SftAgentConfig(
+        bootstrap=args.bootstrap,
+        adapter_id=args.adapter or socket.gethostname(),
+        model=args.model or str(ensure_tiny_model(TinyModelRecipe())),
+        steps=args.steps,
+        rank=args.rank,
+        learning_rate=args.lr,
+        seed=args.seed,
+        topic_prefix=args.topic_prefix,
+    )
+    return sft_main(config)
+
+
+def _cmd_engine(args: argparse.Namespace) -> int:
+    from hotlora.engine.service import main as engine_main
+    from hotlora.engine.service_config import from_sources
+
+    try:
+        config = from_sources(args)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
+    return engine_main(config)
+
+
+def _cmd_topics(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from hotlora.engine.kafka_admin import ensure_topics, list_topics
+    from hotlora.schemas.topics import Topics
+
+    bootstrap = args.bootstrap or os.environ.get("HOTLORA_BOOTSTRAP")
+    prefix = args.topic_prefix or os.environ.get("HOTLORA_TOPIC_PREFIX") or "hotlora"
+    partitions = int(args.partitions or os.environ.get("HOTLORA_PARTITIONS") or 4)
+    if not bootstrap:  # an embedded broker would be empty and gone at exit: topics needs a running one
+        raise SystemExit("error: pass --bootstrap HOST:PORT or set HOTLORA_BOOTSTRAP")
+    if args.topics_command == "create":
+        created = asyncio.run(ensure_topics(bootstrap, Topics(prefix), partitions))
+        for name in Topics(prefix).all():
+            print(f"{name}\t{'created' if name in created else 'exists'}")
+        return 0
+    for name in asyncio.run(list_topics(bootstrap, None if args.all else prefix)):
+        print(name)
+    return 0
 
 
 def _cmd_bench_core(args: argparse.Namespace) -> int:
@@ -43,11 +104,48 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--force", action="store_true", help="overwrite DIR if it exists")
     init.set_defaults(func=_cmd_model_init)
 
-    demo = commands.add_parser("demo", help="train two adapters at once in mixed micro-batches (SFT)")
-    demo.add_argument("--model", default=None, help="base model directory (default: the cached tiny model)")
-    demo.add_argument("--steps", type=int, default=100, help="optimizer steps per adapter (default 100)")
+    demo = commands.add_parser(
+        "demo", help="broker + engine + N agent processes over TCP, each experiment its own adapter"
+    )
+    demo.add_argument("--experiments", type=int, default=2, help="concurrent experiments (default 2)")
+    demo.add_argument("--steps", type=int, default=None, help="optimizer steps per experiment (default 60)")
+    demo.add_argument("--bootstrap", default=os.environ.get("HOTLORA_BOOTSTRAP"), help="use this broker")
+    demo.add_argument("--model", default=os.environ.get("HOTLORA_MODEL"), help="base model directory")
+    demo.add_argument("--json", default=None, metavar="PATH", help="write per-experiment results as JSON")
+    demo.add_argument("--png", default=None, metavar="PATH", help="loss-curve PNG (default: in the run's dir)")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--in-process", action="store_true", help="two adapters in this process, no Kafka")
     demo.set_defaults(func=_cmd_demo)
+
+    agent = commands.add_parser("agent", help="run one experiment as an agent process against a broker")
+    agent.add_argument("--task", default=os.environ.get("HOTLORA_TASK", "sft"), help="the experiment (sft)")
+    agent.add_argument("--adapter", default=os.environ.get("HOTLORA_ADAPTER"), help="adapter id (default: hostname)")
+    agent.add_argument("--bootstrap", default=os.environ.get("HOTLORA_BOOTSTRAP"), help="Kafka HOST:PORT")
+    agent.add_argument("--model", default=os.environ.get("HOTLORA_MODEL"), help="base model dir (its tokenizer)")
+    agent.add_argument("--topic-prefix", default=os.environ.get("HOTLORA_TOPIC_PREFIX", "hotlora"))
+    agent.add_argument("--steps", type=int, default=int(os.environ.get("HOTLORA_STEPS", "60")))
+    agent.add_argument("--rank", type=int, default=8)
+    agent.add_argument("--lr", type=float, default=3e-3)
+    agent.add_argument("--seed", type=int, default=0)
+    agent.set_defaults(func=_cmd_agent)
+
+    engine = commands.add_parser("engine", help="run the engine service: consume requests, publish results")
+    from hotlora.engine.service_config import add_arguments as add_engine_arguments
+
+    add_engine_arguments(engine)
+    engine.set_defaults(func=_cmd_engine)
+
+    topics = commands.add_parser("topics", help="list or create hotlora's Kafka topics")
+    topics_commands = topics.add_subparsers(dest="topics_command", required=True)
+    for name, text in (("list", "list the topics under the prefix"), ("create", "create the engine's topics")):
+        sub = topics_commands.add_parser(name, help=text)
+        sub.add_argument("--bootstrap", default=None, help="Kafka HOST:PORT [env HOTLORA_BOOTSTRAP]")
+        sub.add_argument("--topic-prefix", default=None, help="topic prefix [env HOTLORA_TOPIC_PREFIX]")
+        if name == "create":
+            sub.add_argument("--partitions", default=None, help="partitions per topic (default 4)")
+        else:
+            sub.add_argument("--all", action="store_true", help="every topic, not only the prefix's")
+        sub.set_defaults(func=_cmd_topics, partitions=None, all=False)
 
     bench = commands.add_parser("bench", help="benchmarks (results go to docs/benchmarks.md)")
     bench_commands = bench.add_subparsers(dest="bench_command", required=True)

@@ -1,0 +1,461 @@
+"""``EngineService``: the Kafka edge around ``Engine`` (one asyncio process, uvloop in production).
+
+It consumes the rollout, gradient and control topics in one consumer group, turns records into typed
+requests (``hotlora.schemas``), restores each adapter's ``seq`` order across the three topics
+(``Sequencer``), submits them to the engine, and publishes every result to its request's ``reply_to``.
+The engine's busy loop never sees a socket; this module never touches the model.
+
+Delivery. Kafka gives at-least-once here (idempotent producers fail on Tansu), so the edge makes the
+engine idempotent: a ``request_id`` seen again is answered from a bounded cache of recent results, or
+ignored while its first copy is still in flight. Input offsets are committed only once every record up
+to them is answered (``OffsetTracker``), so a crash re-delivers unanswered requests, never loses them.
+
+Shutdown (SIGTERM/SIGINT): stop fetching, let submitted requests finish, checkpoint every adapter under
+``checkpoint_dir`` (each with a checkpoint event), publish ``engine_status: stopped``, commit, exit 0.
+Requests still held for a missing predecessor are left uncommitted for the next engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import signal
+import sys
+import time
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import structlog
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka.abc import ConsumerRebalanceListener
+from aiokafka.errors import KafkaError
+
+from hotlora.engine import requests as eng
+from hotlora.engine.broker import EmbeddedBroker
+from hotlora.engine.checkpoint import directory_sha256
+from hotlora.engine.core import Engine, EngineConfig, run
+from hotlora.engine.errors import HotLoraError
+from hotlora.engine.kafka_admin import ensure_topics
+from hotlora.engine.runner import RunnerConfig
+from hotlora.engine.sequencing import OffsetTracker, ResultCache, Sequencer
+from hotlora.engine.service_config import ServiceConfig
+from hotlora.schemas import messages as wire
+from hotlora.schemas.codec import decode, encode
+from hotlora.schemas.convert import from_engine, to_engine
+from hotlora.schemas.errors import SchemaError
+from hotlora.schemas.topics import Topics, key_for
+
+log = structlog.get_logger("hotlora.service")
+
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+FETCH_TIMEOUT_MS = 200  # also how often held requests are checked for an expired gap
+
+
+class _LooseSeq(msgspec.Struct):
+    """Salvages ``seq`` from a rejected record, so the adapter's later requests need not wait for it."""
+
+    adapter_id: str = ""
+    seq: int = 0
+
+
+_loose_seq = msgspec.msgpack.Decoder(_LooseSeq)
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def _salvage_seq(data: bytes | None) -> int:
+    try:
+        return max(_loose_seq.decode(data or b"").seq, 0)
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+        return 0
+
+
+class _Rebalance(ConsumerRebalanceListener):
+    def __init__(self, service: EngineService) -> None:
+        self.service = service
+
+    async def on_partitions_revoked(self, revoked: Any) -> None:
+        await self.service._commit()
+        for partition in revoked:
+            self.service._offsets.forget(partition)
+
+    async def on_partitions_assigned(self, assigned: Any) -> None:
+        log.info("partitions_assigned", partitions=sorted(f"{tp.topic}/{tp.partition}" for tp in assigned))
+
+
+class EngineService:
+    """Run with ``await service.run()``; ``request_stop()`` starts the graceful shutdown."""
+
+    def __init__(self, config: ServiceConfig, engine: Engine | None = None) -> None:
+        self.config = config
+        self.topics = Topics(config.topic_prefix)
+        self.engine = engine
+        self._owns_engine = engine is None
+        self.bootstrap = config.bootstrap
+        self.model = config.model or ""
+        self.checkpoint_dir = Path(config.checkpoint_dir).resolve()
+        self.state = "starting"
+        self.ready = asyncio.Event()  # set once consuming; tests and the CLI may wait on it
+        self._stop = asyncio.Event()
+        self._sequencer: Sequencer[tuple[wire.RequestMessage, int]] = Sequencer(config.seq_gap_timeout)
+        self._offsets: OffsetTracker[TopicPartition] = OffsetTracker()
+        self._results: ResultCache[str, wire.ResultMessage] = ResultCache(config.result_cache_size)
+        self._inflight: dict[str, list[tuple[TopicPartition, int]]] = {}  # request_id -> records it answers
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._background: list[asyncio.Task[Any]] = []
+        self._commit_wake = asyncio.Event()
+        self._commit_lock = asyncio.Lock()
+        self._broker: EmbeddedBroker | None = None
+        self._producer: AIOKafkaProducer | None = None
+        self._consumer: AIOKafkaConsumer | None = None
+
+    # ----- lifecycle -----
+
+    def request_stop(self) -> None:
+        log.info("stop_requested")
+        self._stop.set()
+
+    @property
+    def held_requests(self) -> int:
+        return self._sequencer.held
+
+    async def run(self) -> None:
+        try:
+            await self._start()
+            await self._consume_until_stopped()
+            await self._drain()
+        finally:
+            await self._close()
+
+    async def _start(self) -> None:
+        if self.bootstrap is None:
+            self._broker = await asyncio.to_thread(EmbeddedBroker().start)
+            self.bootstrap = self._broker.bootstrap
+            log.info("embedded_broker_started", bootstrap=self.bootstrap)
+        if self.engine is None:
+            self.engine = await asyncio.to_thread(self._load_engine)
+        await self.engine.start()
+        created = await ensure_topics(
+            self.bootstrap, self.topics, self.config.partitions, self.config.replication_factor
+        )
+        log.info("topics_ready", created=created, prefix=self.topics.prefix, partitions=self.config.partitions)
+        self._producer = AIOKafkaProducer(
+            bootstrap_servers=self.bootstrap, acks="all", enable_idempotence=False, max_request_size=MAX_MESSAGE_BYTES
+        )
+        await self._producer.start()
+        await self._publish_status()
+        self._consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap,
+            group_id=self.config.consumer_group,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            session_timeout_ms=self.config.session_timeout_ms,
+            heartbeat_interval_ms=self.config.heartbeat_interval_ms,
+            max_partition_fetch_bytes=MAX_MESSAGE_BYTES,
+            fetch_max_bytes=MAX_MESSAGE_BYTES,
+            # Tansu answers an empty fetch only after the full wait, not when a record arrives: with
+            # aiokafka's 500 ms default every request would sit up to half a second before the engine
+            # saw it. 10 ms costs a few percent of a core while idle.
+            fetch_max_wait_ms=self.config.fetch_max_wait_ms,
+        )
+        self._consumer.subscribe(list(self.topics.requests()), listener=_Rebalance(self))
+        await self._consumer.start()
+        self._background = [
+            asyncio.create_task(self._heartbeats(), name="hotlora-heartbeats"),
+            asyncio.create_task(self._committer(), name="hotlora-committer"),
+        ]
+
+    def _load_engine(self) -> Engine:
+        if not self.model:
+            from hotlora.engine.tiny_model import TinyModelRecipe, ensure_tiny_model
+
+            self.model = str(ensure_tiny_model(TinyModelRecipe()))
+        config = EngineConfig(
+            max_decode_rows=self.config.max_decode_rows, runner=RunnerConfig(resident_slots=self.config.resident_slots)
+        )
+        log.info("loading_model", model=self.model, dtype=self.config.dtype, device=self.config.device)
+        return Engine.from_pretrained(self.model, dtype=self.config.dtype, device=self.config.device, config=config)
+
+    async def _consume_until_stopped(self) -> None:
+        assert self._consumer is not None
+        self.state = "running"
+        await self._publish_status()
+        self.ready.set()
+        log.info("engine_running", engine_id=self.config.engine_id, group=self.config.consumer_group)
+        while not self._stop.is_set():
+            batch = await self._consumer.getmany(timeout_ms=FETCH_TIMEOUT_MS)
+            for partition, records in batch.items():
+                for record in records:
+                    self._on_record(partition, record)
+            self._release(self._sequencer.expire(time.monotonic()))
+
+    async def _drain(self) -> None:
+        assert self.engine is not None
+        self.state = "draining"
+        await self._publish_status()
+        if self._tasks:
+            log.info("draining", in_flight=len(self._tasks), held=self._sequencer.held)
+            _, late = await asyncio.wait(set(self._tasks), timeout=self.config.drain_timeout)
+            if late:
+                log.warning("drain_timeout", unfinished=len(late))
+        await self._checkpoint_all()
+        self.state = "stopped"
+        await self._publish_status()
+        await self._commit()
+        log.info("engine_stopped")
+
+    async def _close(self) -> None:
+        for task in [*self._background, *self._tasks]:
+            task.cancel()
+        await asyncio.gather(*self._background, *self._tasks, return_exceptions=True)
+        if self._consumer is not None:
+            with contextlib.suppress(KafkaError, OSError):
+                await self._consumer.stop()
+        if self._producer is not None:
+            with contextlib.suppress(KafkaError, OSError):
+                await self._producer.stop()
+        if self.engine is not None and self._owns_engine:
+            await self.engine.close()
+        if self._broker is not None:
+            await asyncio.to_thread(self._broker.stop)
+
+    # ----- records in -----
+
+    def _on_record(self, partition: TopicPartition, record: ConsumerRecord[Any, Any]) -> None:
+        self._offsets.start(partition, record.offset)
+        received = wire.now_ms()
+        try:
+            message = decode(record.value or b"")
+            if not isinstance(message, wire.Request):
+                raise SchemaError(
+                    f"{wire.tag_of(type(message))!r} is not a request",
+                    request_id=message.request_id,
+                    adapter_id=message.adapter_id,
+                    reply_to=message.reply_to,
+                )
+        except SchemaError as err:
+            self._spawn(self._reject(partition, record, err, received))
+            self._release(self._sequencer.skip(err.adapter_id, _salvage_seq(record.value), time.monotonic()))
+            return
+        rid = message.request_id
+        cached = self._results.get(rid)
+        if cached is not None:
+            log.info("duplicate_republished", request_id=rid, adapter_id=message.adapter_id)
+            self._spawn(self._publish_result(cached, [(partition, record.offset)]))
+            return
+        if rid in self._inflight:
+            log.info("duplicate_ignored", request_id=rid, adapter_id=message.adapter_id)
+            self._inflight[rid].append((partition, record.offset))
+            return
+        self._inflight[rid] = [(partition, record.offset)]
+        starts = isinstance(message, wire.CreateAdapter | wire.LoadState)
+        ready = self._sequencer.offer(message.adapter_id, message.seq, (message, received), time.monotonic(), starts)
+        if not ready:
+            log.debug("request_held", request_id=rid, adapter_id=message.adapter_id, seq=message.seq)
+        self._release(ready)
+
+    def _release(self, ready: list[tuple[wire.RequestMessage, int]]) -> None:
+        # Tasks start in creation order and Engine.submit enqueues before its first await, so the
+        # engine's scheduler sees these requests in exactly this (seq) order.
+        for message, received in ready:
+            self._spawn(self._execute(message, received))
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("task_failed", error=repr(task.exception()))
+
+    # ----- execution -----
+
+    async def _execute(self, message: wire.RequestMessage, received_at_ms: int) -> None:
+        assert self.engine is not None
+        with structlog.contextvars.bound_contextvars(request_id=message.request_id, adapter_id=message.adapter_id):
+            message = self._resolve_paths(message)
+            try:
+                result: Any = await self.engine.submit(to_engine(message))
+            except HotLoraError as err:
+                result = err
+            except Exception as err:  # a tenant's request must never take the edge down
+                log.exception("request_crashed")
+                result = err
+            reply = from_engine(message, result, received_at_ms=received_at_ms)
+            if isinstance(message, wire.SaveState) and isinstance(reply, wire.SaveStateResult):
+                await self._publish_checkpoint(
+                    message.adapter_id, reply.path, reply.version, message.include_optimizer, message.request_id
+                )
+            self._results.put(message.request_id, reply)
+            await self._publish_result(reply, self._inflight.pop(message.request_id, []))
+            outcome = {"code": reply.code, "error": reply.message} if isinstance(reply, wire.Error) else {}
+            log.info("request_done", type=wire.tag_of(type(message)), seq=message.seq, **outcome)
+            if isinstance(reply, wire.CreateAdapterResult | wire.DeleteAdapterResult | wire.LoadStateResult):
+                await self._publish_status()
+
+    def _resolve_paths(self, message: wire.RequestMessage) -> wire.RequestMessage:
+        """Relative checkpoint paths live under ``checkpoint_dir``, so agents need not know the engine's disk."""
+        if isinstance(message, wire.SaveState | wire.LoadState) and not Path(message.path).is_absolute():
+            return msgspec.structs.replace(message, path=str(self.checkpoint_dir / message.path))
+        return message
+
+    async def _checkpoint_all(self) -> None:
+        assert self.engine is not None
+        for info in await self.engine.submit(eng.ListAdapters()):
+            path = self.checkpoint_dir / _UNSAFE.sub("_", info.adapter_id) / f"step-{info.version}"
+            request = eng.SaveState(info.adapter_id, path, include_optimizer=True)
+            try:
+                saved = await self.engine.submit(request)
+            except HotLoraError as err:
+                log.error("shutdown_checkpoint_failed", adapter_id=info.adapter_id, error=str(err))
+                continue
+            await self._publish_checkpoint(info.adapter_id, saved.path, saved.version, True, request.request_id)
+
+    # ----- records out -----
+
+    async def _send(self, topic: str, message: wire.Message) -> None:
+        assert self._producer is not None
+        await self._producer.send_and_wait(topic, encode(message), key=key_for(message))
+
+    async def _publish_result(self, reply: wire.ResultMessage, answered: list[tuple[TopicPartition, int]]) -> None:
+        await self._send(self.topics.topic_for(reply), reply)
+        self._finish(answered)
+
+    def _finish(self, answered: list[tuple[TopicPartition, int]]) -> None:
+        for partition, offset in answered:
+            self._offsets.finish(partition, offset)
+        self._commit_wake.set()
+
+    async def _reject(
+        self, partition: TopicPartition, record: ConsumerRecord[Any, Any], err: SchemaError, received_at_ms: int
+    ) -> None:
+        assert self._producer is not None
+        log.warning("bad_message", request_id=err.request_id, adapter_id=err.adapter_id, error=err.message)
+        headers = [
+            ("hotlora-error", err.message.encode()),
+            ("hotlora-source", f"{partition.topic}/{partition.partition}/{record.offset}".encode()),
+        ]
+        await self._producer.send_and_wait(self.topics.dead_letters, record.value, key=record.key, headers=headers)
+        if err.request_id:
+            reply = wire.Error(
+                request_id=err.request_id,
+                adapter_id=err.adapter_id,
+                seq=_salvage_seq(record.value),
+                reply_to=err.reply_to,
+                received_at_ms=received_at_ms,
+                finished_at_ms=wire.now_ms(),
+                code=err.code,
+                message=err.message,
+            )
+            await self._send(self.topics.topic_for(reply), reply)
+        self._finish([(partition, record.offset)])
+
+    async def _publish_checkpoint(
+        self, adapter_id: str, path: str | Path, step: int, include_optimizer: bool, request_id: str
+    ) -> None:
+        try:
+            digest = await asyncio.to_thread(directory_sha256, path)
+        except OSError as err:
+            log.error("checkpoint_digest_failed", path=str(path), error=str(err))
+            return
+        event = wire.CheckpointEvent(
+            request_id=request_id,
+            adapter_id=adapter_id,
+            path=str(path),
+            step=step,
+            sha256=digest,
+            include_optimizer=include_optimizer,
+        )
+        await self._send(self.topics.checkpoints, event)
+        log.info("checkpoint_written", adapter_id=adapter_id, path=str(path), step=step, sha256=digest)
+
+    async def _publish_status(self) -> None:
+        assert self.engine is not None
+        infos = await self.engine.submit(eng.ListAdapters())
+        status = wire.EngineStatus(
+            engine_id=self.config.engine_id,
+            model=self.model,
+            state=self.state,
+            max_adapters=self.engine.runner.config.max_adapters,
+            max_decode_rows=self.engine.config.max_decode_rows,
+            adapters=from_engine(wire.ListAdapters(), infos).adapters,  # type: ignore[union-attr]
+        )
+        await self._send(self.topics.metrics, status)
+
+    async def _heartbeats(self) -> None:
+        assert self.engine is not None
+        while True:
+            heartbeat = wire.Heartbeat(
+                engine_id=self.config.engine_id,
+                steps=self.engine.steps_run,
+                queued_requests=len(self._inflight),
+                running_rows=self.engine.scheduler.running_rows,
+            )
+            try:
+                await self._send(self.topics.metrics, heartbeat)
+            except KafkaError as err:
+                log.warning("heartbeat_failed", error=str(err))
+            await asyncio.sleep(self.config.heartbeat_interval)
+
+    # ----- offsets -----
+
+    async def _committer(self) -> None:
+        while True:
+            await self._commit_wake.wait()
+            self._commit_wake.clear()
+            await self._commit()
+
+    async def _commit(self) -> None:
+        if self._consumer is None:
+            return
+        async with self._commit_lock:
+            assigned = self._consumer.assignment()
+            offsets = {tp: o for tp, o in self._offsets.to_commit().items() if tp in assigned}
+            if not offsets:
+                return
+            try:
+                await self._consumer.commit(offsets)
+            except KafkaError as err:  # e.g. a rebalance in progress: the next commit covers these
+                log.warning("commit_failed", error=str(err))
+                return
+            self._offsets.committed(offsets)
+
+
+def configure_logging(level: str = "info") -> None:
+    """structlog JSON lines on stdout (12-factor); request_id / adapter_id come from bound contextvars."""
+    numeric = logging.getLevelName(level.upper())
+    if not isinstance(numeric, int):
+        raise ValueError(f"unknown log level {level!r}")
+    logging.basicConfig(level=max(numeric, logging.WARNING), stream=sys.stdout, format="%(name)s %(message)s")
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            structlog.processors.JSONRenderer(),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
+        logger_factory=structlog.PrintLoggerFactory(sys.stdout),
+        cache_logger_on_first_use=True,
+    )
+
+
+async def serve(config: ServiceConfig) -> int:
+    """Run until SIGTERM or SIGINT, then shut down gracefully; 0 on a clean stop."""
+    service = EngineService(config)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, service.request_stop)
+    await service.run()
+    return 0
+
+
+def main(config: ServiceConfig) -> int:
+    configure_logging(config.log_level)
+    return run(serve(config))

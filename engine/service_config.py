@@ -1,0 +1,109 @@
+"""``ServiceConfig``: the engine service's knobs, filled from CLI flags and environment variables in one place.
+
+12-factor: every flag has a ``HOTLORA_<NAME>`` variable, so compose can configure the engine without a
+command line. A flag given on the command line wins over the variable, which wins over the default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+
+@dataclass
+class ServiceConfig:
+    """``bootstrap=None`` starts an embedded broker; ``model=None`` uses the cached tiny model."""
+
+    bootstrap: str | None = None
+    model: str | None = None
+    topic_prefix: str = "hotlora"
+    partitions: int = 4
+    replication_factor: int = 1
+    checkpoint_dir: str = "checkpoints"
+    group_id: str | None = None  # default: "<topic_prefix>.engine"
+    dtype: str = "auto"
+    device: str = "auto"
+    heartbeat_interval: float = 5.0  # seconds between heartbeat events
+    max_decode_rows: int = 64
+    resident_slots: int | None = None
+    log_level: str = "info"
+    # Apache Kafka's brokers refuse sessions under 6 s by default; tests against Tansu use 2000 / 300.
+    session_timeout_ms: int = 10_000
+    heartbeat_interval_ms: int = 1_000
+    fetch_max_wait_ms: int = 10  # how long an empty fetch may block; the request hop's floor
+    # A held request whose predecessor never arrives (lost, dead-lettered) releases after this long.
+    seq_gap_timeout: float = 30.0
+    drain_timeout: float = 120.0  # how long shutdown waits for in-flight requests
+    result_cache_size: int = 4096  # recent results kept to answer retried request ids
+    engine_id: str = field(default_factory=lambda: f"engine-{uuid.uuid4().hex[:8]}")
+
+    @property
+    def consumer_group(self) -> str:
+        return self.group_id or f"{self.topic_prefix}.engine"
+
+
+# (field, flag help). The variable is HOTLORA_<FIELD in upper case>.
+_FLAGS: dict[str, str] = {
+    "bootstrap": "Kafka bootstrap HOST:PORT (default: start an embedded broker)",
+    "model": "base model directory (default: the cached tiny model)",
+    "topic_prefix": "topic name prefix (default hotlora)",
+    "partitions": "partitions per topic created at start (default 4)",
+    "replication_factor": "replication factor of created topics (default 1)",
+    "checkpoint_dir": "where relative checkpoint paths and shutdown checkpoints go (default ./checkpoints)",
+    "group_id": "consumer group (default <prefix>.engine)",
+    "dtype": "model dtype: auto, float32, bfloat16, float16 (default auto)",
+    "device": "model device: auto, cpu, cuda (default auto)",
+    "heartbeat_interval": "seconds between heartbeat events (default 5)",
+    "max_decode_rows": "rows in the running decode batch (default 64)",
+    "resident_slots": "adapters resident on the device at once (default: all)",
+    "log_level": "debug, info, warning, error (default info)",
+    "session_timeout_ms": "consumer group session timeout (default 10000)",
+    "heartbeat_interval_ms": "consumer group heartbeat interval (default 1000)",
+    "fetch_max_wait_ms": "longest wait of an empty fetch, the floor of a request's hop (default 10)",
+    "seq_gap_timeout": "seconds a request waits for a missing predecessor seq (default 30)",
+    "drain_timeout": "seconds shutdown waits for in-flight requests (default 120)",
+    "engine_id": "id in heartbeats and status events (default random)",
+}
+
+
+def env_name(name: str) -> str:
+    return f"HOTLORA_{name.upper()}"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One ``--flag`` per config field; defaults stay None so ``from_sources`` can tell them apart."""
+    for name, text in _FLAGS.items():
+        parser.add_argument(
+            f"--{name.replace('_', '-')}", dest=name, default=None, help=f"{text} [env {env_name(name)}]"
+        )
+
+
+def _converter(name: str) -> Callable[[str], Any]:
+    kind = {f.name: f.type for f in fields(ServiceConfig)}[name]
+    if "int" in str(kind):
+        return int
+    if "float" in str(kind):
+        return float
+    return str
+
+
+def from_sources(args: argparse.Namespace | None = None, env: Mapping[str, str] | None = None) -> ServiceConfig:
+    """Flags over environment over defaults; a malformed value fails with the name of its source."""
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    for name in _FLAGS:
+        raw = getattr(args, name, None) if args is not None else None
+        source = f"--{name.replace('_', '-')}"
+        if raw is None and env.get(env_name(name)):
+            raw, source = env[env_name(name)], env_name(name)
+        if raw is None:
+            continue
+        try:
+            values[name] = _converter(name)(raw)
+        except ValueError:
+            raise ValueError(f"{source}={raw!r} is not a valid {name}") from None
+    return ServiceConfig(**values)

@@ -1,0 +1,134 @@
+"""The embedding example over HTTP: aiohttp's test client -> the app -> HotLoraClient -> Kafka -> the engine.
+
+Run twice: against the real ``EngineService`` (what a deployment runs) and against the in-test
+responder over an in-process ``Engine`` (which also shows what went over the wire).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from examples.feedback_service import SERVICE, FeedbackConfig, create_app, load_tokenizer
+from hotlora.engine.broker import EmbeddedBroker
+from hotlora.engine.core import Engine
+from hotlora.schemas import ForwardBackward, OptimStep, Topics
+from tests.kafka_responder import EngineHandler, Responder
+
+
+def test_config_reads_flags_over_environment() -> None:
+    env = {"HOTLORA_BOOTSTRAP": "h:1", "HOTLORA_MODEL": "/m", "FEEDBACK_K": "3", "FEEDBACK_LEARNING_RATE": "0.5"}
+    config = FeedbackConfig.from_args(["--k", "4", "--adapter-id", "tenant-7"], env)
+    assert (config.bootstrap, config.model, config.k, config.learning_rate) == ("h:1", "/m", 4, 0.5)
+    assert config.adapter_id == "tenant-7" and config.port == 8080
+    with pytest.raises(SystemExit):
+        FeedbackConfig.from_args([], {})
+
+
+@contextlib.asynccontextmanager
+async def engine_service(bootstrap: str, prefix: str, model: Path, tmp_path: Path) -> AsyncIterator[None]:
+    try:
+        from hotlora.engine.service import EngineService
+        from hotlora.engine.service_config import ServiceConfig
+    except ImportError as err:
+        pytest.skip(f"hotlora.engine.service is not importable ({err})")
+    config = ServiceConfig(
+        bootstrap=bootstrap,
+        model=str(model),
+        topic_prefix=prefix,
+        partitions=2,
+        checkpoint_dir=str(tmp_path / "checkpoints"),
+        dtype="float32",
+        device="cpu",
+        max_decode_rows=16,
+        session_timeout_ms=2000,
+        heartbeat_interval_ms=300,
+    )
+    service = EngineService(config)
+    running = asyncio.create_task(service.run())
+    try:
+        ready = asyncio.create_task(service.ready.wait())
+        done, _ = await asyncio.wait({running, ready}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
+        if running in done:
+            running.result()  # raises the start failure
+        assert ready in done, "engine service not ready in time"
+        yield
+    finally:
+        service.request_stop()
+        await asyncio.wait_for(running, 30)
+
+
+@contextlib.asynccontextmanager
+async def in_test_responder(bootstrap: str, prefix: str, model: Path) -> AsyncIterator[Responder]:
+    engine = Engine.from_pretrained(model, dtype="float32", device="cpu")
+    async with engine, Responder(bootstrap, Topics(prefix), EngineHandler(engine)) as responder:
+        yield responder
+
+
+@pytest.mark.parametrize("backend", ["engine_service", "in_test_responder"])
+def test_feedback_trains_the_adapter_every_k(
+    backend: str, broker: EmbeddedBroker, topic_prefix: str, tiny_model_path: Path, tmp_path: Path
+) -> None:
+    config = FeedbackConfig(
+        bootstrap=broker.bootstrap,
+        model=str(tiny_model_path),
+        topic_prefix=topic_prefix,
+        adapter_id="tenant-a",
+        k=2,
+        learning_rate=1e-2,
+        rank=4,
+        max_tokens=6,
+        temperature=0.0,
+        request_timeout=20.0,
+    )
+
+    async def main() -> None:
+        if backend == "engine_service":
+            engine = engine_service(broker.bootstrap, topic_prefix, tiny_model_path, tmp_path)
+        else:
+            engine = in_test_responder(broker.bootstrap, topic_prefix, tiny_model_path)
+        async with engine as responder:
+            app = create_app(config, tokenizer=load_tokenizer(config.model))
+            async with TestClient(TestServer(app)) as http:
+                first = await http.post("/generate", json={"prompt": "2+2="})
+                assert first.status == 200, await first.text()
+                body = await first.json()
+                assert isinstance(body["text"], str) and body["version"] == 0
+
+                feedback = {"prompt": "2+2=", "completion": body["text"], "correction": "4"}
+                one = await (await http.post("/feedback", json=feedback)).json()
+                assert one["accepted"] and not one["trained"] and one["buffered"] == 1
+                low = {"prompt": "2+2=", "completion": "5", "rating": -1}
+                skipped = await (await http.post("/feedback", json=low)).json()
+                assert not skipped["accepted"] and skipped["buffered"] == 1
+                liked = {"prompt": "3+3=", "completion": "6", "rating": 1}
+                two = await (await http.post("/feedback", json=liked)).json()
+                assert two["trained"] and two["version"] == 1 and two["buffered"] == 0
+                first_loss = two["last_loss"]
+
+                # Same data again: the adapter learned from it, so its loss falls.
+                await http.post("/feedback", json=feedback)
+                three = await (await http.post("/feedback", json=liked)).json()
+                assert three["version"] == 2 and three["last_loss"] < first_loss
+
+                after = await (await http.post("/generate", json={"prompt": "2+2="})).json()
+                assert after["version"] == 2
+                stats = await (await http.get("/stats")).json()
+                assert stats["feedbacks"] == 5 and stats["trained_steps"] == 2
+
+                bad = await http.post("/feedback", json={"prompt": "x", "completion": "y"})
+                assert bad.status == 400
+                assert (await http.post("/generate", data=b"not json")).status == 400
+                assert app[SERVICE].client.stats.in_flight == 0
+
+            if isinstance(responder, Responder):
+                # The training datums went over the wire as forward_backward + optim_step pairs.
+                train = [type(m).__name__ for _, _, m in responder.seen if isinstance(m, ForwardBackward | OptimStep)]
+                assert train == ["ForwardBackward", "OptimStep"] * 2
+
+    asyncio.run(asyncio.wait_for(main(), 90))
