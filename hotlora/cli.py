@@ -24,7 +24,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         return run_sft_demo(model_dir=args.model, steps=args.steps or 100, seed=args.seed)
     from hotlora.demo import main as demo_main
 
-    return demo_main(args.experiments, args.steps or 60, args.bootstrap, args.model, args.json, args.png)
+    return demo_main(args.experiments, args.steps or 100, args.bootstrap, args.model, args.json, args.png)
 
 
 def _cmd_agent(args: argparse.Namespace) -> int:
@@ -89,6 +89,12 @@ def _cmd_bench_core(args: argparse.Namespace) -> int:
     return bench_core_main(args)
 
 
+def _cmd_bench_hop(args: argparse.Namespace) -> int:
+    from hotlora.benchmarks.hop import main as bench_hop_main
+
+    return bench_hop_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hotlora", description="An always-hot engine for multi-LoRA RL.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -108,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="broker + engine + N agent processes over TCP, each experiment its own adapter"
     )
     demo.add_argument("--experiments", type=int, default=2, help="concurrent experiments (default 2)")
-    demo.add_argument("--steps", type=int, default=None, help="optimizer steps per experiment (default 60)")
+    demo.add_argument("--steps", type=int, default=None, help="optimizer steps per experiment (default 100)")
     demo.add_argument("--bootstrap", default=os.environ.get("HOTLORA_BOOTSTRAP"), help="use this broker")
     demo.add_argument("--model", default=os.environ.get("HOTLORA_MODEL"), help="base model directory")
     demo.add_argument("--json", default=None, metavar="PATH", help="write per-experiment results as JSON")
@@ -154,6 +160,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_core_arguments(core)
     core.set_defaults(func=_cmd_bench_core)
+    hop = bench_commands.add_parser("hop", help="a tiny request through Kafka vs in process: p50 and p99")
+    from hotlora.benchmarks.hop import add_arguments as add_hop_arguments
+
+    add_hop_arguments(hop)
+    hop.set_defaults(func=_cmd_bench_hop)
     return parser
 
 
