@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import torch
 
 from hotlora.engine.runner import ModelRunner
+from hotlora.engine.service_config import ServiceConfig
 from hotlora.engine.types import Datum
 
 
@@ -37,3 +41,22 @@ def max_rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| over max |b|: elementwise relative error is meaningless for near-zero gradients."""
     scale = b.abs().max().item()
     return (a - b).abs().max().item() / max(scale, 1e-30)
+
+
+def service_config_for_tests(
+    bootstrap: str, prefix: str, model: Path, checkpoint_dir: Path, **overrides: Any
+) -> ServiceConfig:
+    """An engine-service config for tests: CPU fp32, a small decode batch, quick consumer-group joins."""
+    fields: dict[str, Any] = {
+        "bootstrap": bootstrap,
+        "model": str(model),
+        "topic_prefix": prefix,
+        "partitions": 2,
+        "checkpoint_dir": str(checkpoint_dir),
+        "dtype": "float32",
+        "device": "cpu",
+        "max_decode_rows": 16,
+        "session_timeout_ms": 2000,  # Tansu: group joins take about half the session timeout
+        "heartbeat_interval_ms": 300,
+    }
+    return ServiceConfig(**{**fields, **overrides})

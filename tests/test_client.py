@@ -20,6 +20,7 @@ from hotlora.engine.runner import AdapterInfo
 from hotlora.engine.sampler import SamplingParams
 from hotlora.engine.types import AdamParams, Datum, ForwardBackwardOutput, LoraSpec, OptimStepOutput
 from hotlora.schemas import CheckpointEvent, Error, RequestMessage, ResultMessage, Sample, Topics, unpack_i32
+from tests.helpers import service_config_for_tests
 from tests.kafka_responder import EngineHandler, Responder, envelope, fake_reply
 
 FAST = {"request_timeout": 5.0, "retries": 0}
@@ -335,23 +336,9 @@ def test_through_the_engine_service(
     broker: EmbeddedBroker, topic_prefix: str, tiny_model_path: Path, tmp_path: Path
 ) -> None:
     """The real Kafka edge: ``EngineService`` consumes, orders by seq, replies on the client's topic."""
-    try:
-        from hotlora.engine.service import EngineService
-        from hotlora.engine.service_config import ServiceConfig
-    except ImportError as err:
-        pytest.skip(f"hotlora.engine.service is not importable ({err}); the in-test responder covers the client")
-    config = ServiceConfig(
-        bootstrap=broker.bootstrap,
-        model=str(tiny_model_path),
-        topic_prefix=topic_prefix,
-        partitions=2,
-        checkpoint_dir=str(tmp_path / "checkpoints"),
-        dtype="float32",
-        device="cpu",
-        max_decode_rows=16,
-        session_timeout_ms=2000,
-        heartbeat_interval_ms=300,
-    )
+    from hotlora.engine.service import EngineService
+
+    config = service_config_for_tests(broker.bootstrap, topic_prefix, tiny_model_path, tmp_path / "checkpoints")
 
     async def main() -> None:
         service = EngineService(config)

@@ -18,6 +18,7 @@ from examples.feedback_service import SERVICE, FeedbackConfig, create_app, load_
 from hotlora.engine.broker import EmbeddedBroker
 from hotlora.engine.core import Engine
 from hotlora.schemas import ForwardBackward, OptimStep, Topics
+from tests.helpers import service_config_for_tests
 from tests.kafka_responder import EngineHandler, Responder
 
 
@@ -32,23 +33,9 @@ def test_config_reads_flags_over_environment() -> None:
 
 @contextlib.asynccontextmanager
 async def engine_service(bootstrap: str, prefix: str, model: Path, tmp_path: Path) -> AsyncIterator[None]:
-    try:
-        from hotlora.engine.service import EngineService
-        from hotlora.engine.service_config import ServiceConfig
-    except ImportError as err:
-        pytest.skip(f"hotlora.engine.service is not importable ({err})")
-    config = ServiceConfig(
-        bootstrap=bootstrap,
-        model=str(model),
-        topic_prefix=prefix,
-        partitions=2,
-        checkpoint_dir=str(tmp_path / "checkpoints"),
-        dtype="float32",
-        device="cpu",
-        max_decode_rows=16,
-        session_timeout_ms=2000,
-        heartbeat_interval_ms=300,
-    )
+    from hotlora.engine.service import EngineService
+
+    config = service_config_for_tests(bootstrap, prefix, model, tmp_path / "checkpoints")
     service = EngineService(config)
     running = asyncio.create_task(service.run())
     try:

@@ -28,7 +28,7 @@ from hotlora.engine.checkpoint import directory_sha256
 from hotlora.engine.kafka_admin import create_topics, ensure_topics, list_topics
 from hotlora.engine.sequencing import OffsetTracker, ResultCache, Sequencer
 from hotlora.engine.service import EngineService
-from hotlora.engine.service_config import ServiceConfig, from_sources
+from hotlora.engine.service_config import from_sources
 from hotlora.schemas import (
     CheckpointEvent,
     CreateAdapter,
@@ -48,6 +48,7 @@ from hotlora.schemas import (
     key_for,
     pack_i32,
 )
+from tests.helpers import service_config_for_tests
 
 pytestmark = pytest.mark.timeout(240)
 WAIT_S = 60.0  # generous: two shared cores; a healthy run takes a fraction of it
@@ -107,19 +108,7 @@ class Agent:
         self.bootstrap = bootstrap
         self.topics = Topics(prefix)
         self.reply_to = f"{prefix}.replies"
-        self.config = ServiceConfig(
-            bootstrap=bootstrap,
-            model=str(model),
-            topic_prefix=prefix,
-            partitions=2,
-            checkpoint_dir=str(checkpoint_dir),
-            dtype="float32",
-            device="cpu",
-            heartbeat_interval=0.5,
-            max_decode_rows=16,
-            session_timeout_ms=2000,
-            heartbeat_interval_ms=300,
-        )
+        self.config = service_config_for_tests(bootstrap, prefix, model, checkpoint_dir, heartbeat_interval=0.5)
         self.service = EngineService(self.config) if spawn_engine else None
         self.seen: list[tuple[str, Any]] = []  # (topic, decoded message or raw bytes for dead letters)
         self._changed = asyncio.Event()
