@@ -7,6 +7,10 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from hotlora.agents.grpo import GrpoConfig
 
 
 def _cmd_model_init(args: argparse.Namespace) -> int:
@@ -30,25 +34,74 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_agent(args: argparse.Namespace) -> int:
     import socket
 
-    from hotlora.agents.sft_agent import SftAgentConfig
-    from hotlora.agents.sft_agent import main as sft_main
     from hotlora.engine.tiny_model import TinyModelRecipe, ensure_tiny_model
 
-    if args.task != "sft":
-        raise SystemExit(f"error: unknown task {args.task!r} (available: sft)")
     if not args.bootstrap:
         raise SystemExit("error: an agent needs a broker: pass --bootstrap HOST:PORT or set HOTLORA_BOOTSTRAP")
-    config = SftAgentConfig(
-        bootstrap=args.bootstrap,
-        adapter_id=args.adapter or socket.gethostname(),
-        model=args.model or str(ensure_tiny_model(TinyModelRecipe())),
-        steps=args.steps,
-        rank=args.rank,
-        learning_rate=args.lr,
-        seed=args.seed,
-        topic_prefix=args.topic_prefix,
-    )
-    return sft_main(config)
+    model = args.model or str(ensure_tiny_model(TinyModelRecipe()))
+    if args.task == "sft" or (args.task is None and not args.config):
+        from hotlora.agents.sft_agent import SftAgentConfig
+        from hotlora.agents.sft_agent import main as sft_main
+
+        config = SftAgentConfig(
+            bootstrap=args.bootstrap,
+            adapter_id=args.adapter or socket.gethostname(),
+            model=model,
+            steps=args.steps if args.steps is not None else 60,
+            rank=args.rank if args.rank is not None else 8,
+            learning_rate=args.lr if args.lr is not None else 3e-3,
+            seed=args.seed if args.seed is not None else 0,
+            topic_prefix=args.topic_prefix,
+        )
+        return sft_main(config)
+    from hotlora.agents.grpo import main as grpo_main
+
+    return grpo_main(grpo_config(args), args.bootstrap, model, args.topic_prefix)
+
+
+def grpo_config(args: argparse.Namespace) -> GrpoConfig:
+    """``GrpoConfig`` from its defaults, then ``--config FILE.toml`` (keys are its field names), then flags."""
+    import dataclasses
+    import socket
+
+    import tomllib
+
+    from hotlora.agents.grpo import GrpoConfig
+    from hotlora.agents.tasks import TASKS
+
+    values: dict[str, object] = {}
+    if args.config:
+        with open(args.config, "rb") as f:
+            values.update(tomllib.load(f))
+    known = {f.name for f in dataclasses.fields(GrpoConfig)}
+    if unknown := sorted(set(values) - known):
+        raise SystemExit(f"error: unknown key(s) in {args.config}: {', '.join(unknown)}")
+    flags = {
+        "task": args.task,
+        "steps": args.steps,
+        "rank": args.rank,
+        "learning_rate": args.lr,
+        "seed": args.seed,
+        "group_size": args.group_size,
+        "batch_size": args.batch_size,
+        "loss": args.loss,
+        "std_normalize": args.std_normalize,
+        "eval_every": args.eval_every,
+        "temperature": args.temperature,
+        "max_tokens": args.max_tokens,
+    }
+    values.update({k: v for k, v in flags.items() if v is not None})
+    if args.adapter or "adapter_id" not in values:
+        values["adapter_id"] = args.adapter or socket.gethostname()
+    if values.get("task") not in (*TASKS, "continual"):
+        raise SystemExit(f"error: unknown task {values.get('task')!r} (available: sft, continual, {', '.join(TASKS)})")
+    return GrpoConfig(**values)  # type: ignore[arg-type]
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from hotlora.plot import main as plot_main
+
+    return plot_main(args.bootstrap, args.topic_prefix, args.jsonl, args.out)
 
 
 def _cmd_engine(args: argparse.Namespace) -> int:
@@ -124,16 +177,34 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_cmd_demo)
 
     agent = commands.add_parser("agent", help="run one experiment as an agent process against a broker")
-    agent.add_argument("--task", default=os.environ.get("HOTLORA_TASK", "sft"), help="the experiment (sft)")
+    agent.add_argument(
+        "--task", default=os.environ.get("HOTLORA_TASK"), help="sft, continual or a task name (default sft)"
+    )
     agent.add_argument("--adapter", default=os.environ.get("HOTLORA_ADAPTER"), help="adapter id (default: hostname)")
     agent.add_argument("--bootstrap", default=os.environ.get("HOTLORA_BOOTSTRAP"), help="Kafka HOST:PORT")
     agent.add_argument("--model", default=os.environ.get("HOTLORA_MODEL"), help="base model dir (its tokenizer)")
     agent.add_argument("--topic-prefix", default=os.environ.get("HOTLORA_TOPIC_PREFIX", "hotlora"))
-    agent.add_argument("--steps", type=int, default=int(os.environ.get("HOTLORA_STEPS", "60")))
-    agent.add_argument("--rank", type=int, default=8)
-    agent.add_argument("--lr", type=float, default=3e-3)
-    agent.add_argument("--seed", type=int, default=0)
+    steps_env = os.environ.get("HOTLORA_STEPS")
+    agent.add_argument("--steps", type=int, default=int(steps_env) if steps_env else None)
+    agent.add_argument("--rank", type=int, default=None)
+    agent.add_argument("--lr", type=float, default=None)
+    agent.add_argument("--seed", type=int, default=None)
+    agent.add_argument("--config", default=None, metavar="FILE.toml", help="GRPO settings; flags override it")
+    agent.add_argument("--group-size", type=int, default=None, help="completions per prompt")
+    agent.add_argument("--batch-size", type=int, default=None, help="prompts per step")
+    agent.add_argument("--loss", choices=("importance_sampling", "ppo"), default=None)
+    agent.add_argument("--std-normalize", action="store_true", default=None, help="divide advantages by group std")
+    agent.add_argument("--eval-every", type=int, default=None, help="steps between held-out evals")
+    agent.add_argument("--temperature", type=float, default=None)
+    agent.add_argument("--max-tokens", type=int, default=None)
     agent.set_defaults(func=_cmd_agent)
+
+    plot = commands.add_parser("plot", help="reward and accuracy curves per experiment to a PNG")
+    plot.add_argument("--bootstrap", default=os.environ.get("HOTLORA_BOOTSTRAP"), help="read the metrics topic")
+    plot.add_argument("--topic-prefix", default=os.environ.get("HOTLORA_TOPIC_PREFIX", "hotlora"))
+    plot.add_argument("--jsonl", default=None, metavar="FILE", help="read an agent's JSON lines instead")
+    plot.add_argument("--out", default="rewards.png", help="PNG path (default rewards.png)")
+    plot.set_defaults(func=_cmd_plot)
 
     engine = commands.add_parser("engine", help="run the engine service: consume requests, publish results")
     from hotlora.engine.service_config import add_arguments as add_engine_arguments

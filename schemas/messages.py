@@ -270,6 +270,28 @@ class EngineStatus(Event, tag="engine_status", kw_only=True, frozen=True):
     adapters: list[AdapterInfo] = msgspec.field(default_factory=list)
 
 
+class Metrics(Event, tag="metrics", kw_only=True, frozen=True):
+    """An agent's progress, published by the agent (not the engine) on the metrics topic.
+
+    One per training step; ``step`` 0 and eval steps carry ``accuracy`` (greedy, held-out set of the
+    current ``task``) and ``accuracy_by_task`` (every task seen so far: forgetting, in continual runs).
+    ``logprob_mismatch`` is the mean |sampler logprob - trainer logprob| over the step's generated tokens.
+    """
+
+    experiment: str
+    task: str
+    step: NonNegative
+    reward_mean: float | None = None
+    accuracy: float | None = None
+    accuracy_by_task: dict[str, float] = msgspec.field(default_factory=dict)
+    step_seconds: float = 0.0
+    logprob_mismatch: float | None = None
+    loss: float | None = None
+    groups: NonNegative = 0
+    skipped_groups: NonNegative = 0
+    version: NonNegative = 0
+
+
 RequestMessage = (
     CreateAdapter | DeleteAdapter | ListAdapters | Sample | ForwardBackward | OptimStep | SaveState | LoadState
 )
@@ -284,7 +306,7 @@ ResultMessage = (
     | LoadStateResult
     | Error
 )
-EventMessage = CheckpointEvent | Heartbeat | EngineStatus
+EventMessage = CheckpointEvent | Heartbeat | EngineStatus | Metrics
 AnyMessage = RequestMessage | ResultMessage | EventMessage
 
 REQUEST_TYPES: tuple[type[Request], ...] = RequestMessage.__args__  # type: ignore[attr-defined]

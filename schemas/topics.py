@@ -21,6 +21,7 @@ from hotlora.schemas.messages import (
     ListAdapters,
     LoadState,
     Message,
+    Metrics,
     OptimStep,
     Result,
     Sample,
@@ -99,7 +100,7 @@ class Topics:
             return reply_to or self.results
         if issubclass(cls, CheckpointEvent):
             return self.checkpoints
-        if issubclass(cls, Heartbeat | EngineStatus):
+        if issubclass(cls, Heartbeat | EngineStatus | Metrics):
             return self.metrics
         raise ValueError(f"no topic for {cls.__name__}")
 

@@ -1,0 +1,210 @@
+"""The reference GRPO agent: the Tinker cookbook's ``rl_loop`` in hotlora's client verbs.
+
+Per step: sample a group of completions per prompt (all prompts at once: the engine batches them),
+score them with the task's verifier, advantage = reward - group mean, skip groups with no signal,
+``forward_backward`` with ``importance_sampling`` or ``ppo`` on the sampler's logprobs, ``optim_step``.
+The loop takes anything with the client's verbs: a ``HotLoraClient`` over Kafka or the in-process
+``Engine``. Metrics go to an ``emit`` callback (``agents.metrics.MetricsSink`` prints and publishes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import statistics
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from transformers import AutoTokenizer
+
+from hotlora.agents.client import HotLoraClient
+from hotlora.agents.metrics import MetricsSink
+from hotlora.agents.tasks import TASKS, ContinualSchedule, render_prompt
+from hotlora.engine.requests import SampleOutput
+from hotlora.engine.sampler import SamplingParams
+from hotlora.engine.types import AdamParams, Datum, ForwardBackwardOutput, LoraSpec, OptimStepOutput
+from hotlora.schemas import Metrics
+
+CONTINUAL_TASKS = ("arithmetic", "reverse", "count")
+
+
+@dataclass
+class GrpoConfig:
+    adapter_id: str
+    task: str = "arithmetic"  # a name in agents.tasks.TASKS, or "continual"
+    steps: int = 30
+    group_size: int = 8
+    batch_size: int = 4
+    learning_rate: float = 3e-3
+    loss: str = "importance_sampling"  # or "ppo"
+    std_normalize: bool = False
+    eval_every: int = 10
+    temperature: float = 1.0
+    max_tokens: int = 16
+    rank: int = 8
+    seed: int = 0
+
+
+class Verbs(Protocol):
+    """The client verbs the loop uses; ``HotLoraClient`` and ``engine.core.Engine`` both have them."""
+
+    async def sample(
+        self, adapter_id: str | None, prompt_tokens: list[int], n: int = 1, params: SamplingParams | None = None
+    ) -> SampleOutput: ...
+
+    async def forward_backward(
+        self, adapter_id: str, datums: list[Datum], loss_fn: str = ..., loss_config: dict[str, float] | None = ...
+    ) -> ForwardBackwardOutput: ...
+
+    async def optim_step(self, adapter_id: str, params: AdamParams | None = None) -> OptimStepOutput: ...
+
+
+# ----- the pure parts, tested by hand -----
+
+
+def group_advantages(rewards: Sequence[float], std_normalize: bool = False) -> list[float]:
+    """Reward minus the group mean, optionally divided by the group's (population) std + 1e-6."""
+    if max(rewards) == min(rewards):  # exactly zero, not float noise around the mean: the group is skipped
+        return [0.0] * len(rewards)
+    mean = sum(rewards) / len(rewards)
+    scale = statistics.pstdev(rewards) + 1e-6 if std_normalize else 1.0
+    return [(r - mean) / scale for r in rewards]
+
+
+def rl_datum(prompt: Sequence[int], tokens: Sequence[int], logprobs: Sequence[float], advantage: float) -> Datum:
+    """One sampled sequence as a training datum: loss, sampler logprobs and advantage on generated tokens only."""
+    p, g = len(prompt), len(tokens)
+    return Datum.create(
+        input_tokens=[*prompt, *tokens[:-1]],
+        target_tokens=[*prompt[1:], *tokens],
+        weights=[0.0] * (p - 1) + [1.0] * g,
+        logprobs=[0.0] * (p - 1) + list(logprobs),
+        advantages=[0.0] * (p - 1) + [advantage] * g,
+    )
+
+
+def logprob_mismatch(datums: Sequence[Datum], fb: ForwardBackwardOutput) -> float:
+    """Mean |sampler logprob - trainer logprob| over the generated (weighted) tokens of a step."""
+    total, count = 0.0, 0
+    for datum, trainer in zip(datums, fb.logprobs, strict=True):
+        mask = datum.weights > 0
+        assert datum.logprobs is not None
+        total += float((trainer.detach().float().cpu()[mask] - datum.logprobs[mask]).abs().sum())
+        count += int(mask.sum())
+    return total / max(count, 1)
+
+
+# ----- the loop -----
+
+
+async def accuracy(client: Verbs, cfg: GrpoConfig, task: Any, encode: Callable, decode: Callable) -> float:
+    """Greedy accuracy on the task's held-out set (every prompt at once)."""
+    greedy = SamplingParams(max_tokens=cfg.max_tokens, temperature=0.0)
+    problems = task.eval_set()
+    outs = await asyncio.gather(*(client.sample(cfg.adapter_id, encode(p), 1, greedy) for p in problems))
+    rewards = [task.reward(p, decode(o.sequences[0].tokens)) for p, o in zip(problems, outs, strict=True)]
+    return sum(r >= 1.0 for r in rewards) / len(rewards)
+
+
+async def run_grpo(
+    client: Verbs,
+    cfg: GrpoConfig,
+    schedule: ContinualSchedule,  # which task each step trains, and which came before (forgetting)
+    tasks: Mapping[str, Any],  # name -> task (.problems, .eval_set, .reward), as agents.tasks.TASKS
+    encode: Callable[[Any], list[int]],  # problem -> prompt tokens
+    decode: Callable[[list[int]], str],  # generated tokens -> completion text
+    emit: Callable[[Metrics], Awaitable[None]],
+) -> None:
+    params = SamplingParams(max_tokens=cfg.max_tokens, temperature=cfg.temperature)
+
+    async def evaluate(step: int, **fields: Any) -> dict[str, Any]:
+        current = schedule.task_at(max(step - 1, 0))  # the task the last step trained on
+        names = [*schedule.seen_before(max(step - 1, 0)), current]  # earlier tasks show forgetting
+        by_task = {name: await accuracy(client, cfg, tasks[name], encode, decode) for name in names}
+        return {"accuracy": by_task[current], "accuracy_by_task": by_task, **fields}
+
+    async def report(step: int, task: str, **fields: Any) -> None:
+        await emit(Metrics(adapter_id=cfg.adapter_id, experiment=cfg.adapter_id, task=task, step=step, **fields))
+
+    version = 0
+    await report(0, schedule.task_at(0), **await evaluate(0))
+    for step in range(cfg.steps):
+        start = time.perf_counter()
+        task = tasks[schedule.task_at(step)]
+        problems = task.problems(cfg.seed * 1_000_003 + step, cfg.batch_size)
+        prompts = [encode(p) for p in problems]
+        groups = await asyncio.gather(*(client.sample(cfg.adapter_id, pr, cfg.group_size, params) for pr in prompts))
+        datums, rewards, skipped = [], [], 0
+        for problem, prompt, group in zip(problems, prompts, groups, strict=True):
+            group_rewards = [task.reward(problem, decode(s.tokens)) for s in group.sequences]
+            rewards += group_rewards
+            advantages = group_advantages(group_rewards, cfg.std_normalize)
+            if all(a == 0.0 for a in advantages):
+                skipped += 1  # no signal: every completion scored the same
+                continue
+            datums += [
+                rl_datum(prompt, s.tokens, s.logprobs, a) for s, a in zip(group.sequences, advantages, strict=True)
+            ]
+        loss = mismatch = None
+        if datums:
+            fb = await client.forward_backward(cfg.adapter_id, datums, cfg.loss)
+            version = (await client.optim_step(cfg.adapter_id, AdamParams(learning_rate=cfg.learning_rate))).version
+            loss, mismatch = fb.loss, logprob_mismatch(datums, fb)
+        fields = dict(
+            reward_mean=sum(rewards) / len(rewards),
+            step_seconds=time.perf_counter() - start,
+            loss=loss,
+            logprob_mismatch=mismatch,
+            groups=len(groups),
+            skipped_groups=skipped,
+            version=version,
+        )
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+            fields = await evaluate(step + 1, **fields)
+        await report(step + 1, task.name, **fields)
+
+
+# ----- the agent process (``hotlora agent --task NAME``) -----
+
+
+def make_schedule(cfg: GrpoConfig) -> ContinualSchedule:
+    """One phase of ``cfg.task``, or for ``continual`` the steps split over ``CONTINUAL_TASKS`` in order."""
+    if cfg.task != "continual":
+        return ContinualSchedule(phases=((cfg.task, cfg.steps),))
+    n = len(CONTINUAL_TASKS)
+    if cfg.steps < n:
+        raise ValueError(f"a continual run needs at least {n} steps, got {cfg.steps}")
+    steps = [cfg.steps // n] * (n - 1) + [cfg.steps - (n - 1) * (cfg.steps // n)]
+    return ContinualSchedule(phases=tuple(zip(CONTINUAL_TASKS, steps, strict=True)))
+
+
+async def run_grpo_agent(cfg: GrpoConfig, bootstrap: str, model: str, topic_prefix: str = "hotlora") -> int:
+    tokenizer = AutoTokenizer.from_pretrained(model)
+
+    def encode(problem: Any) -> list[int]:
+        return [tokenizer.bos_token_id, *tokenizer.encode(render_prompt(problem), add_special_tokens=False)]
+
+    def decode(tokens: list[int]) -> str:
+        return tokenizer.decode(tokens, skip_special_tokens=True)
+
+    async with (
+        HotLoraClient(bootstrap, topic_prefix=topic_prefix) as client,
+        MetricsSink(bootstrap, topic_prefix) as sink,
+    ):
+        await client.create_adapter(cfg.adapter_id, LoraSpec(rank=cfg.rank, seed=cfg.seed))
+        await run_grpo(client, cfg, make_schedule(cfg), TASKS, encode, decode, sink)
+    return 0
+
+
+def main(cfg: GrpoConfig, bootstrap: str, model: str, topic_prefix: str = "hotlora") -> int:
+    from hotlora.engine.core import run
+
+    try:
+        return run(run_grpo_agent(cfg, bootstrap, model, topic_prefix))
+    except KeyboardInterrupt:
+        return 130
+    except Exception as err:  # a parent reading stdout sees this line; the traceback goes to stderr
+        print(json.dumps({"adapter": cfg.adapter_id, "error": f"{type(err).__name__}: {err}"}), flush=True)
+        raise
