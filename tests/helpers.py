@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from hotlora.engine.runner import ModelRunner
+from hotlora.engine.service import EngineService
 from hotlora.engine.service_config import ServiceConfig
 from hotlora.engine.types import Datum
 
@@ -60,3 +64,27 @@ def service_config_for_tests(
         "heartbeat_interval_ms": 300,
     }
     return ServiceConfig(**{**fields, **overrides})
+
+
+async def start_engine_service(service: EngineService, timeout: float = 30.0) -> asyncio.Task[None]:
+    """Run ``service`` as a task and return it once ready; a start failure is raised, not waited out."""
+    running = asyncio.create_task(service.run())
+    ready = asyncio.create_task(service.ready.wait())
+    done, _ = await asyncio.wait({running, ready}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    ready.cancel()
+    if running in done:
+        running.result()  # raises the start failure
+    assert ready in done, "engine service not ready in time"
+    return running
+
+
+@contextlib.asynccontextmanager
+async def running_engine_service(config: ServiceConfig, timeout: float = 30.0) -> AsyncIterator[EngineService]:
+    """An in-process engine service for the block's duration, stopped gracefully (bounded) after it."""
+    service = EngineService(config)
+    running = await start_engine_service(service, timeout)
+    try:
+        yield service
+    finally:
+        service.request_stop()
+        await asyncio.wait_for(running, timeout)

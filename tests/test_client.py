@@ -20,7 +20,7 @@ from hotlora.engine.runner import AdapterInfo
 from hotlora.engine.sampler import SamplingParams
 from hotlora.engine.types import AdamParams, Datum, ForwardBackwardOutput, LoraSpec, OptimStepOutput
 from hotlora.schemas import CheckpointEvent, Error, RequestMessage, ResultMessage, Sample, Topics, unpack_i32
-from tests.helpers import service_config_for_tests
+from tests.helpers import running_engine_service, service_config_for_tests
 from tests.kafka_responder import EngineHandler, Responder, envelope, fake_reply
 
 FAST = {"request_timeout": 5.0, "retries": 0}
@@ -336,41 +336,31 @@ def test_through_the_engine_service(
     broker: EmbeddedBroker, topic_prefix: str, tiny_model_path: Path, tmp_path: Path
 ) -> None:
     """The real Kafka edge: ``EngineService`` consumes, orders by seq, replies on the client's topic."""
-    from hotlora.engine.service import EngineService
-
     config = service_config_for_tests(broker.bootstrap, topic_prefix, tiny_model_path, tmp_path / "checkpoints")
 
     async def main() -> None:
-        service = EngineService(config)
-        running = asyncio.create_task(service.run())
-        try:
-            ready = asyncio.create_task(service.ready.wait())
-            done, _ = await asyncio.wait({running, ready}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
-            if running in done:
-                running.result()  # raises the start failure
-            assert ready in done, "engine service not ready in time"
-            async with HotLoraClient(broker.bootstrap, topic_prefix, request_timeout=20, retries=1) as client:
-                info = await client.create_adapter("a", rank=4, targets="attention")
-                assert info.version == 0
-                # Issued together: seq restores their order across the rollout and gradient topics.
-                datum = Datum.from_sequence([3, 4, 5, 6, 7], prompt_len=2)
-                greedy = SamplingParams(max_tokens=3, temperature=0.0)
-                before, fb, step, after = await asyncio.gather(
-                    client.sample("a", [3, 4], params=greedy),
-                    client.forward_backward("a", [datum]),
-                    client.optim_step("a", AdamParams(learning_rate=1e-2)),
-                    client.sample("a", [3, 4], params=greedy),
-                )
-                assert (before.adapter_version, step.version, after.adapter_version) == (0, 1, 1)
-                assert isinstance(fb, ForwardBackwardOutput) and fb.num_tokens > 0
-                saved = await client.save_weights_for_sampler("a", tmp_path / "sampler-a")
-                assert saved.version == 1
-                event = await client.wait_for_checkpoint("a", min_step=1, timeout=20)
-                assert event.path == saved.path and event.sha256
-                with pytest.raises(UnknownAdapter):
-                    await client.optim_step("nope")
-        finally:
-            service.request_stop()
-            await asyncio.wait_for(running, 30)
+        async with (
+            running_engine_service(config),
+            HotLoraClient(broker.bootstrap, topic_prefix, request_timeout=20, retries=1) as client,
+        ):
+            info = await client.create_adapter("a", rank=4, targets="attention")
+            assert info.version == 0
+            # Issued together: seq restores their order across the rollout and gradient topics.
+            datum = Datum.from_sequence([3, 4, 5, 6, 7], prompt_len=2)
+            greedy = SamplingParams(max_tokens=3, temperature=0.0)
+            before, fb, step, after = await asyncio.gather(
+                client.sample("a", [3, 4], params=greedy),
+                client.forward_backward("a", [datum]),
+                client.optim_step("a", AdamParams(learning_rate=1e-2)),
+                client.sample("a", [3, 4], params=greedy),
+            )
+            assert (before.adapter_version, step.version, after.adapter_version) == (0, 1, 1)
+            assert isinstance(fb, ForwardBackwardOutput) and fb.num_tokens > 0
+            saved = await client.save_weights_for_sampler("a", tmp_path / "sampler-a")
+            assert saved.version == 1
+            event = await client.wait_for_checkpoint("a", min_step=1, timeout=20)
+            assert event.path == saved.path and event.sha256
+            with pytest.raises(UnknownAdapter):
+                await client.optim_step("nope")
 
     run(main, timeout=90)

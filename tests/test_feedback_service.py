@@ -17,8 +17,9 @@ from aiohttp.test_utils import TestClient, TestServer
 from examples.feedback_service import SERVICE, FeedbackConfig, create_app, load_tokenizer
 from hotlora.engine.broker import EmbeddedBroker
 from hotlora.engine.core import Engine
+from hotlora.engine.service import EngineService
 from hotlora.schemas import ForwardBackward, OptimStep, Topics
-from tests.helpers import service_config_for_tests
+from tests.helpers import running_engine_service, service_config_for_tests
 from tests.kafka_responder import EngineHandler, Responder
 
 
@@ -31,23 +32,10 @@ def test_config_reads_flags_over_environment() -> None:
         FeedbackConfig.from_args([], {})
 
 
-@contextlib.asynccontextmanager
-async def engine_service(bootstrap: str, prefix: str, model: Path, tmp_path: Path) -> AsyncIterator[None]:
-    from hotlora.engine.service import EngineService
-
-    config = service_config_for_tests(bootstrap, prefix, model, tmp_path / "checkpoints")
-    service = EngineService(config)
-    running = asyncio.create_task(service.run())
-    try:
-        ready = asyncio.create_task(service.ready.wait())
-        done, _ = await asyncio.wait({running, ready}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
-        if running in done:
-            running.result()  # raises the start failure
-        assert ready in done, "engine service not ready in time"
-        yield
-    finally:
-        service.request_stop()
-        await asyncio.wait_for(running, 30)
+def engine_service(
+    bootstrap: str, prefix: str, model: Path, tmp_path: Path
+) -> contextlib.AbstractAsyncContextManager[EngineService]:
+    return running_engine_service(service_config_for_tests(bootstrap, prefix, model, tmp_path / "checkpoints"))
 
 
 @contextlib.asynccontextmanager

@@ -48,7 +48,7 @@ from hotlora.schemas import (
     key_for,
     pack_i32,
 )
-from tests.helpers import service_config_for_tests
+from tests.helpers import service_config_for_tests, start_engine_service
 
 pytestmark = pytest.mark.timeout(240)
 WAIT_S = 60.0  # generous: two shared cores; a healthy run takes a fraction of it
@@ -118,14 +118,7 @@ class Agent:
         await ensure_topics(self.bootstrap, self.topics, partitions=2)
         await create_topics(self.bootstrap, [self.reply_to], partitions=1)
         if self.service is not None:
-            run = asyncio.create_task(self.service.run())
-            self._tasks.append(run)
-            ready = asyncio.create_task(self.service.ready.wait())
-            done, _ = await asyncio.wait({run, ready}, timeout=WAIT_S, return_when=asyncio.FIRST_COMPLETED)
-            ready.cancel()
-            if run in done:
-                run.result()  # raises the start failure
-            assert ready in done, "engine service not ready in time"
+            self._tasks.append(await start_engine_service(self.service, WAIT_S))
         self.producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, enable_idempotence=False)
         await self.producer.start()
         self.consumer = AIOKafkaConsumer(
