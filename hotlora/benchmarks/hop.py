@@ -51,6 +51,7 @@ async def time_calls(call: Any, n: int, warmup: int) -> list[float]:
 async def measure(bootstrap: str | None, model: str, n: int, warmup: int, console: Console) -> dict[str, Any]:
     from hotlora.agents import HotLoraClient
     from hotlora.agents.readiness import wait_for_heartbeat
+    from hotlora.demo import reap, terminate
     from hotlora.engine.broker import EmbeddedBroker
     from hotlora.engine.core import Engine
 
@@ -70,13 +71,8 @@ async def measure(bootstrap: str | None, model: str, n: int, warmup: int, consol
             with console.status(f"{n} requests through Kafka"):
                 hop = await time_calls(client.list_adapters, n, warmup)
     finally:
-        if engine.returncode is None:
-            engine.terminate()
-        try:
-            await asyncio.wait_for(engine.wait(), 60)
-        except TimeoutError:
-            engine.kill()
-            await engine.wait()
+        terminate(engine)
+        await reap(engine)
         if broker is not None:
             broker.stop()
     async with Engine.from_pretrained(model) as local:
