@@ -14,7 +14,7 @@ import json
 import statistics
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from transformers import AutoTokenizer
@@ -28,6 +28,9 @@ from hotlora.engine.types import AdamParams, Datum, ForwardBackwardOutput, LoraS
 from hotlora.schemas import Metrics
 
 CONTINUAL_TASKS = ("arithmetic", "reverse", "count")
+# Every eval samples prompt j with seed EVAL_SEED + j: evals before and after training (and across
+# experiments) share their random numbers, so a change in eval reward is the policy's, not the dice's.
+EVAL_SEED = 7_000_000_000
 
 
 @dataclass
@@ -41,6 +44,7 @@ class GrpoConfig:
     loss: str = "importance_sampling"  # or "ppo"
     std_normalize: bool = False
     eval_every: int = 10
+    eval_samples: int = 4  # completions per held-out prompt for the eval reward
     temperature: float = 1.0
     max_tokens: int = 16
     rank: int = 8
@@ -73,6 +77,11 @@ def group_advantages(rewards: Sequence[float], std_normalize: bool = False) -> l
     return [(r - mean) / scale for r in rewards]
 
 
+def sample_seed(cfg: GrpoConfig, step: int, prompt_index: int) -> int:
+    """Seeded sampling makes a run reproducible whatever else shares the engine's batches."""
+    return (cfg.seed * 1_000_003 + step) * 1_000 + prompt_index
+
+
 def rl_datum(prompt: Sequence[int], tokens: Sequence[int], logprobs: Sequence[float], advantage: float) -> Datum:
     """One sampled sequence as a training datum: loss, sampler logprobs and advantage on generated tokens only."""
     p, g = len(prompt), len(tokens)
@@ -99,13 +108,35 @@ def logprob_mismatch(datums: Sequence[Datum], fb: ForwardBackwardOutput) -> floa
 # ----- the loop -----
 
 
-async def accuracy(client: Verbs, cfg: GrpoConfig, task: Any, encode: Callable, decode: Callable) -> float:
-    """Greedy accuracy on the task's held-out set (every prompt at once)."""
-    greedy = SamplingParams(max_tokens=cfg.max_tokens, temperature=0.0)
+@dataclass(frozen=True)
+class Evaluation:
+    reward: float  # mean verifier reward of ``eval_samples`` completions per held-out prompt, at training temperature
+    accuracy: float  # greedy exact-match rate on the same prompts
+
+
+async def evaluate_task(client: Verbs, cfg: GrpoConfig, task: Any, encode: Callable, decode: Callable) -> Evaluation:
+    """The policy's expected reward on the task's held-out set, and its greedy accuracy (every request at once).
+
+    The reward is what RL optimises (samples at the training temperature), so it is the curve that must
+    rise; greedy accuracy shows whether the mode moved too.
+    """
     problems = task.eval_set()
-    outs = await asyncio.gather(*(client.sample(cfg.adapter_id, encode(p), 1, greedy) for p in problems))
-    rewards = [task.reward(p, decode(o.sequences[0].tokens)) for p, o in zip(problems, outs, strict=True)]
-    return sum(r >= 1.0 for r in rewards) / len(rewards)
+    greedy = SamplingParams(max_tokens=cfg.max_tokens, temperature=0.0)
+    sampled = SamplingParams(max_tokens=cfg.max_tokens, temperature=cfg.temperature)
+    prompts = [encode(p) for p in problems]
+    outs = await asyncio.gather(
+        *(client.sample(cfg.adapter_id, pr, 1, greedy) for pr in prompts),
+        *(
+            client.sample(cfg.adapter_id, pr, cfg.eval_samples, replace(sampled, seed=EVAL_SEED + j))
+            for j, pr in enumerate(prompts)
+        ),
+    )
+    greedy_outs, sampled_outs = outs[: len(problems)], outs[len(problems) :]
+    hits = [task.reward(p, decode(o.sequences[0].tokens)) >= 1.0 for p, o in zip(problems, greedy_outs, strict=True)]
+    rewards = [
+        task.reward(p, decode(s.tokens)) for p, o in zip(problems, sampled_outs, strict=True) for s in o.sequences
+    ]
+    return Evaluation(reward=sum(rewards) / len(rewards), accuracy=sum(hits) / len(hits))
 
 
 async def run_grpo(
@@ -122,8 +153,14 @@ async def run_grpo(
     async def evaluate(step: int, **fields: Any) -> dict[str, Any]:
         current = schedule.task_at(max(step - 1, 0))  # the task the last step trained on
         names = [*schedule.seen_before(max(step - 1, 0)), current]  # earlier tasks show forgetting
-        by_task = {name: await accuracy(client, cfg, tasks[name], encode, decode) for name in names}
-        return {"accuracy": by_task[current], "accuracy_by_task": by_task, **fields}
+        by_task = {name: await evaluate_task(client, cfg, tasks[name], encode, decode) for name in names}
+        return {
+            "eval_reward": by_task[current].reward,
+            "eval_reward_by_task": {name: e.reward for name, e in by_task.items()},
+            "accuracy": by_task[current].accuracy,
+            "accuracy_by_task": {name: e.accuracy for name, e in by_task.items()},
+            **fields,
+        }
 
     async def report(step: int, task: str, **fields: Any) -> None:
         await emit(Metrics(adapter_id=cfg.adapter_id, experiment=cfg.adapter_id, task=task, step=step, **fields))
@@ -135,7 +172,12 @@ async def run_grpo(
         task = tasks[schedule.task_at(step)]
         problems = task.problems(cfg.seed * 1_000_003 + step, cfg.batch_size)
         prompts = [encode(p) for p in problems]
-        groups = await asyncio.gather(*(client.sample(cfg.adapter_id, pr, cfg.group_size, params) for pr in prompts))
+        groups = await asyncio.gather(
+            *(
+                client.sample(cfg.adapter_id, pr, cfg.group_size, replace(params, seed=sample_seed(cfg, step, j)))
+                for j, pr in enumerate(prompts)
+            )
+        )
         datums, rewards, skipped = [], [], 0
         for problem, prompt, group in zip(problems, prompts, groups, strict=True):
             group_rewards = [task.reward(problem, decode(s.tokens)) for s in group.sequences]

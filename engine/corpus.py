@@ -53,11 +53,23 @@ GENERATORS: dict[str, Callable[[random.Random], Example]] = {
 }
 
 
-def examples(seed: int, kinds: tuple[str, ...] = tuple(GENERATORS)) -> Iterator[Example]:
-    """An endless, seed-determined stream mixing the given kinds uniformly."""
+def examples(seed: int, kinds: tuple[str, ...] = tuple(GENERATORS), answer_noise: float = 0.0) -> Iterator[Example]:
+    """An endless, seed-determined stream mixing the given kinds uniformly.
+
+    With probability ``answer_noise`` an example keeps its prompt but takes the answer of another
+    example of the same kind: plausible and usually wrong, as in web text. A base trained on that
+    knows the answer yet samples it only part of the time, which is the gap RL with a verifier
+    closes on real models (it sharpens; it rarely teaches a new skill).
+    """
+    if not 0.0 <= answer_noise < 1.0:
+        raise ValueError(f"answer_noise must be in [0, 1), got {answer_noise}")
     rng = random.Random(seed)
     while True:
-        yield GENERATORS[rng.choice(kinds)](rng)
+        generate = GENERATORS[rng.choice(kinds)]
+        prompt, answer = generate(rng)
+        if answer_noise and rng.random() < answer_noise:
+            answer = generate(rng)[1]
+        yield prompt, answer
 
 
 def render(example: Example) -> str:

@@ -11,6 +11,9 @@ from hotlora.engine.errors import InvalidRequest
 from hotlora.engine.tiny_model import TinyModelRecipe, ensure_tiny_model
 
 DEFAULT_PRETRAIN_STEPS = 1500
+# A fifth of pretraining answers are another example's answer: the base then knows most answers but
+# samples them only part of the time, the gap RL closes (docs/architecture.md, "The RL base").
+DEFAULT_ANSWER_NOISE = 0.2
 
 
 def recipe_for(pretrain: bool, seed: int = 0, steps: int | None = None) -> TinyModelRecipe:
@@ -20,7 +23,11 @@ def recipe_for(pretrain: bool, seed: int = 0, steps: int | None = None) -> TinyM
         if steps:
             raise InvalidRequest("--steps only applies with --pretrain")
         return TinyModelRecipe(seed=seed)
-    return TinyModelRecipe(seed=seed, pretrain_steps=DEFAULT_PRETRAIN_STEPS if steps is None else steps)
+    return TinyModelRecipe(
+        seed=seed,
+        pretrain_steps=DEFAULT_PRETRAIN_STEPS if steps is None else steps,
+        pretrain_answer_noise=DEFAULT_ANSWER_NOISE,
+    )
 
 
 def init_model(
@@ -48,3 +55,13 @@ def init_model(
         shutil.rmtree(out_dir)
     shutil.copytree(cached, out_dir)
     return out_dir
+
+
+def rl_base_model(progress: bool = True) -> str:
+    """The pretrained tiny base that RL agents, the demo and ``bench experiments`` start from (built once, cached)."""
+    recipe = recipe_for(pretrain=True)
+    if not progress:
+        return str(ensure_tiny_model(recipe))
+    with Progress(TextColumn("pretraining the RL base (once)"), BarColumn(), MofNCompleteColumn()) as bar:
+        task = bar.add_task("pretrain", total=max(recipe.pretrain_steps, 1))
+        return str(ensure_tiny_model(recipe, progress=lambda step, total, loss: bar.update(task, completed=step)))

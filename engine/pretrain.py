@@ -31,7 +31,7 @@ def pretrain(
 ) -> list[float]:
     """AdamW with linear warmup and cosine decay; returns the loss per step."""
     torch.manual_seed(recipe.seed)
-    stream = examples(seed=recipe.seed + 1)
+    stream = examples(seed=recipe.seed + 1, answer_noise=recipe.pretrain_answer_noise)
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.pretrain_lr, weight_decay=0.01, betas=(0.9, 0.95))
     warmup = max(1, recipe.pretrain_steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(

@@ -44,6 +44,7 @@ class TinyModelRecipe:
     pretrain_steps: int = 0
     pretrain_batch_size: int = 32
     pretrain_lr: float = 3e-3
+    pretrain_answer_noise: float = 0.0  # see engine.corpus.examples
 
     def cache_key(self) -> str:
         payload = json.dumps({"format": RECIPE_FORMAT, **dataclasses.asdict(self)}, sort_keys=True)

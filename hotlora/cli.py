@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from hotlora.agents.grpo import GrpoConfig
 
+DEMO_STEPS = 60  # about 5 minutes for 4 experiments on a 2-core CPU
+
 
 def _cmd_model_init(args: argparse.Namespace) -> int:
     from hotlora.engine.model_init import init_model
@@ -28,7 +30,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         return run_sft_demo(model_dir=args.model, steps=args.steps or 100, seed=args.seed)
     from hotlora.demo import main as demo_main
 
-    return demo_main(args.experiments, args.steps or 100, args.bootstrap, args.model, args.json, args.png)
+    return demo_main(
+        args.experiments, args.steps or DEMO_STEPS, args.bootstrap, args.model, args.json, args.png, args.eval_every,
+        args.seed,
+    )  # fmt: skip
 
 
 def _cmd_agent(args: argparse.Namespace) -> int:
@@ -148,6 +153,12 @@ def _cmd_bench_hop(args: argparse.Namespace) -> int:
     return bench_hop_main(args)
 
 
+def _cmd_bench_experiments(args: argparse.Namespace) -> int:
+    from hotlora.benchmarks.experiments import main as bench_experiments_main
+
+    return bench_experiments_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hotlora", description="An always-hot engine for multi-LoRA RL.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -164,16 +175,19 @@ def build_parser() -> argparse.ArgumentParser:
     init.set_defaults(func=_cmd_model_init)
 
     demo = commands.add_parser(
-        "demo", help="broker + engine + N agent processes over TCP, each experiment its own adapter"
+        "demo", help="broker + engine + N GRPO agent processes over TCP, each experiment its own adapter"
     )
-    demo.add_argument("--experiments", type=int, default=2, help="concurrent experiments (default 2)")
-    demo.add_argument("--steps", type=int, default=None, help="optimizer steps per experiment (default 100)")
+    demo.add_argument("--experiments", type=int, default=4, help="concurrent experiments (default 4)")
+    demo.add_argument(
+        "--steps", type=int, default=None, help=f"GRPO steps per experiment (default {DEMO_STEPS}; SFT 100)"
+    )
+    demo.add_argument("--eval-every", type=int, default=None, help="steps between held-out evals (default steps/6)")
     demo.add_argument("--bootstrap", default=os.environ.get("HOTLORA_BOOTSTRAP"), help="use this broker")
     demo.add_argument("--model", default=os.environ.get("HOTLORA_MODEL"), help="base model directory")
     demo.add_argument("--json", default=None, metavar="PATH", help="write per-experiment results as JSON")
-    demo.add_argument("--png", default=None, metavar="PATH", help="loss-curve PNG (default: in the run's dir)")
+    demo.add_argument("--png", default=None, metavar="PATH", help="reward-curve PNG (default: in the run's dir)")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--in-process", action="store_true", help="two adapters in this process, no Kafka")
+    demo.add_argument("--in-process", action="store_true", help="SFT of two adapters in this process, no Kafka")
     demo.set_defaults(func=_cmd_demo)
 
     agent = commands.add_parser("agent", help="run one experiment as an agent process against a broker")
@@ -236,6 +250,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_hop_arguments(hop)
     hop.set_defaults(func=_cmd_bench_hop)
+    experiments = bench_commands.add_parser(
+        "experiments", help="N RL experiments cold / warm one at a time vs all at once on one hot engine"
+    )
+    from hotlora.benchmarks.experiments import add_arguments as add_experiments_arguments
+
+    add_experiments_arguments(experiments)
+    experiments.set_defaults(func=_cmd_bench_experiments)
     return parser
 
 

@@ -1,8 +1,9 @@
-"""``hotlora demo``: the whole system on one machine, as separate OS processes talking over TCP.
+"""``hotlora demo``: concurrent RL experiments on one hot engine, as separate OS processes over TCP.
 
-It starts the embedded broker (unless ``--bootstrap`` names one), one engine process and N agent
-processes, each agent its own experiment with its own adapter. It shows each experiment's progress,
-then a summary table and a loss-curve PNG. Every process it starts is reaped, whatever happens.
+It starts the embedded broker (unless ``--bootstrap`` names one), one engine process and N GRPO agent
+processes, each a different experiment (task, learning rate: ``agents/experiments.py``) with its own
+adapter, on the pretrained tiny base. It shows each experiment's progress, then a table of held-out
+reward at step 0 and at the end, and a reward-curve PNG. Every process it starts is reaped, whatever happens.
 """
 
 from __future__ import annotations
@@ -17,28 +18,76 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import msgspec
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
+from hotlora.agents.grpo import GrpoConfig
+from hotlora.schemas import Metrics
+
 ENGINE_READY_TIMEOUT_S = 180.0
-AGENT_TIMEOUT_S = 900.0
+AGENT_TIMEOUT_S = 1800.0
 
 
 @dataclass
 class Experiment:
-    adapter_id: str
-    losses: list[float] = field(default_factory=list)
-    completion: str | None = None
-    target: str | None = None
+    config: GrpoConfig
+    metrics: list[Metrics] = field(default_factory=list)
     error: str | None = None
     returncode: int | None = None
     seconds: float = 0.0
 
+    @property
+    def evals(self) -> list[Metrics]:
+        return [m for m in self.metrics if m.eval_reward is not None]
+
+    @property
+    def initial_reward(self) -> float | None:
+        return self.evals[0].eval_reward if self.evals else None
+
+    @property
+    def final_reward(self) -> float | None:
+        return self.evals[-1].eval_reward if len(self.evals) > 1 else None
+
+    def summary(self) -> dict[str, Any]:
+        evals = self.evals
+        return {
+            "adapter_id": self.config.adapter_id,
+            "task": self.config.task,
+            "learning_rate": self.config.learning_rate,
+            "seed": self.config.seed,
+            "steps": max((m.step for m in self.metrics), default=0),
+            "initial_eval_reward": self.initial_reward,
+            "final_eval_reward": self.final_reward,
+            "initial_accuracy": evals[0].accuracy if evals else None,
+            "final_accuracy": evals[-1].accuracy if len(evals) > 1 else None,
+            "eval_curve": [(m.step, m.eval_reward) for m in evals],
+            "seconds": self.seconds,
+            "returncode": self.returncode,
+            "error": self.error,
+        }
+
 
 def hotlora_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "hotlora.cli", *args]
+
+
+def agent_command(cfg: GrpoConfig, address: str, model_dir: str, prefix: str) -> list[str]:
+    flags = {
+        "--task": cfg.task,
+        "--adapter": cfg.adapter_id,
+        "--lr": repr(cfg.learning_rate),
+        "--seed": str(cfg.seed),
+        "--steps": str(cfg.steps),
+        "--eval-every": str(cfg.eval_every),
+        "--bootstrap": address,
+        "--model": model_dir,
+        "--topic-prefix": prefix,
+    }
+    return hotlora_command("agent", *(part for pair in flags.items() for part in pair))
 
 
 async def wait_for_engine(bootstrap: str, topic_prefix: str, timeout: float) -> None:
@@ -49,20 +98,26 @@ async def wait_for_engine(bootstrap: str, topic_prefix: str, timeout: float) -> 
 
 
 async def stream_agent(process: asyncio.subprocess.Process, exp: Experiment, progress: Progress, task: int) -> None:
+    """Reads the agent's stdout: one ``Metrics`` JSON line per step, or an ``{"error": ...}`` line."""
     assert process.stdout is not None
+    start = time.perf_counter()
     async for raw in process.stdout:
         try:
-            line = json.loads(raw)
-        except json.JSONDecodeError:
+            metrics = msgspec.json.decode(raw, type=Metrics)
+        except msgspec.DecodeError:
+            with contextlib.suppress(ValueError):
+                line = json.loads(raw)
+                if isinstance(line, dict) and "error" in line:
+                    exp.error = str(line["error"])
             continue
-        if "loss" in line:
-            exp.losses.append(float(line["loss"]))
-            exp.seconds = float(line.get("t", 0.0))
-            progress.update(task, completed=int(line["step"]), loss=exp.losses[-1])
-        if line.get("done"):
-            exp.completion, exp.target = line.get("completion"), line.get("target")
-        if "error" in line:
-            exp.error = str(line["error"])
+        exp.metrics.append(metrics)
+        exp.seconds = time.perf_counter() - start
+        fields: dict[str, Any] = {"completed": metrics.step}
+        if metrics.reward_mean is not None:
+            fields["reward"] = metrics.reward_mean
+        if metrics.eval_reward is not None:
+            fields["eval"] = metrics.eval_reward
+        progress.update(task, **fields)
     exp.returncode = await process.wait()
 
 
@@ -83,70 +138,45 @@ async def reap(process: asyncio.subprocess.Process | None, timeout: float = 60.0
 
 
 async def run_demo(
-    experiments: int, steps: int, bootstrap: str | None, model: str | None, workdir: Path, console: Console
+    configs: list[GrpoConfig], bootstrap: str | None, model_dir: str, workdir: Path, console: Console
 ) -> list[Experiment]:
     from hotlora.engine.broker import EmbeddedBroker
-    from hotlora.engine.tiny_model import TinyModelRecipe, ensure_tiny_model
 
-    model_dir = model or str(ensure_tiny_model(TinyModelRecipe()))
     prefix = f"demo-{os.getpid()}"
     broker = None if bootstrap else EmbeddedBroker(log_path=workdir / "broker.log").start()
     address = bootstrap or broker.bootstrap  # type: ignore[union-attr]
     console.print(f"broker {address} ({'embedded Tansu' if broker else 'external'}), model {model_dir}")
     engine: asyncio.subprocess.Process | None = None
     agents: list[asyncio.subprocess.Process] = []
-    exps = [Experiment(f"exp-{i}") for i in range(experiments)]
+    exps = [Experiment(cfg) for cfg in configs]
     try:
         engine_log = open(workdir / "engine.log", "wb")  # noqa: SIM115 - closed with the process
         engine = await asyncio.create_subprocess_exec(
-            *hotlora_command(
-                "engine",
-                "--bootstrap",
-                address,
-                "--model",
-                model_dir,
-                "--topic-prefix",
-                prefix,
-                "--checkpoint-dir",
-                str(workdir / "checkpoints"),
-            ),
+            *hotlora_command("engine", "--bootstrap", address, "--model", model_dir, "--topic-prefix", prefix,
+                             "--checkpoint-dir", str(workdir / "checkpoints")),
             stdout=engine_log,
             stderr=asyncio.subprocess.STDOUT,
-        )
+        )  # fmt: skip
         with console.status("waiting for the engine's first heartbeat"):
             await wait_for_engine(address, prefix, ENGINE_READY_TIMEOUT_S)
         columns = (
             TextColumn("{task.description}"),
             BarColumn(),
             MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]:.3f}"),
+            TextColumn("train reward {task.fields[reward]:.2f}  held-out {task.fields[eval]:.3f}"),
         )
         with Progress(*columns, console=console) as progress:
             streams = []
-            for i, exp in enumerate(exps):
+            for exp in exps:
+                cfg = exp.config
                 process = await asyncio.create_subprocess_exec(
-                    *hotlora_command(
-                        "agent",
-                        "--task",
-                        "sft",
-                        "--adapter",
-                        exp.adapter_id,
-                        "--steps",
-                        str(steps),
-                        "--seed",
-                        str(i),
-                        "--bootstrap",
-                        address,
-                        "--model",
-                        model_dir,
-                        "--topic-prefix",
-                        prefix,
-                    ),
+                    *agent_command(cfg, address, model_dir, prefix),
                     stdout=asyncio.subprocess.PIPE,
-                    stderr=open(workdir / f"{exp.adapter_id}.log", "wb"),  # noqa: SIM115
+                    stderr=open(workdir / f"{cfg.adapter_id}.log", "wb"),  # noqa: SIM115
                 )
                 agents.append(process)
-                task = progress.add_task(exp.adapter_id, total=steps, loss=float("nan"))
+                label = f"{cfg.adapter_id} lr {cfg.learning_rate:g}"
+                task = progress.add_task(label, total=cfg.steps, reward=float("nan"), eval=float("nan"))
                 streams.append(stream_agent(process, exp, progress, task))
             await asyncio.wait_for(asyncio.gather(*streams), AGENT_TIMEOUT_S)
     finally:
@@ -162,56 +192,63 @@ async def run_demo(
 
 
 def summarize(exps: list[Experiment], console: Console, png: Path | None, seconds: float) -> None:
-    table = Table(title=f"{len(exps)} concurrent experiments on one hot engine ({seconds:.0f} s)")
-    for column in ("experiment", "steps", "first loss", "last loss", "completion", "target", "ok"):
+    table = Table(title=f"{len(exps)} concurrent RL experiments on one hot engine ({seconds:.0f} s)")
+    for column in ("experiment", "task", "lr", "steps", "held-out reward: step 0", "final", "change", "greedy acc"):
         table.add_column(column)
     for e in exps:
-        ok = e.returncode == 0 and e.completion == e.target
-        first = f"{e.losses[0]:.3f}" if e.losses else "-"
-        last = f"{e.losses[-1]:.3f}" if e.losses else "-"
+        row = e.summary()
+        first, last = row["initial_eval_reward"], row["final_eval_reward"]
+        change = f"{last - first:+.3f}" if first is not None and last is not None else "-"
+        acc = (
+            f"{row['initial_accuracy']:.2f} -> {row['final_accuracy']:.2f}"
+            if row["final_accuracy"] is not None
+            else "-"
+        )
+        status = e.error or (f"exit {e.returncode}" if e.returncode else None)
         table.add_row(
-            e.adapter_id,
-            str(len(e.losses)),
-            first,
-            last,
-            repr(e.completion),
-            repr(e.target),
-            "yes" if ok else (e.error or f"exit {e.returncode}"),
+            e.config.adapter_id,
+            e.config.task,
+            f"{e.config.learning_rate:g}",
+            str(row["steps"]),
+            f"{first:.3f}" if first is not None else "-",
+            f"{last:.3f}" if last is not None else "-",
+            status or change,
+            acc,
         )
     console.print(table)
-    if png is not None:
-        import matplotlib
+    metrics = [m for e in exps for m in e.metrics]
+    if png is not None and metrics:
+        from hotlora.plot import plot_metrics
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for e in exps:
-            ax.plot(range(1, len(e.losses) + 1), e.losses, label=e.adapter_id)
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel("loss (sum over target tokens)")
-        ax.set_yscale("log")
-        ax.set_title("hotlora demo: per-experiment loss")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(png)
-        plt.close(fig)
-        console.print(f"loss curves: {png}")
+        console.print(f"reward curves: {plot_metrics(metrics, png)}")
 
 
 def main(
-    experiments: int, steps: int, bootstrap: str | None, model: str | None, json_path: str | None, png: str | None
+    experiments: int,
+    steps: int,
+    bootstrap: str | None,
+    model: str | None,
+    json_path: str | None,
+    png: str | None,
+    eval_every: int | None = None,
+    seed: int = 0,
 ) -> int:
+    from hotlora.agents.experiments import experiment_configs
     from hotlora.engine.core import run
+    from hotlora.engine.model_init import rl_base_model
 
+    if experiments < 1 or steps < 1:
+        raise SystemExit("error: --experiments and --steps must be >= 1")
     console = Console()
     workdir = Path(tempfile.mkdtemp(prefix="hotlora-demo-"))
     console.print(f"logs and checkpoints: {workdir}")
+    model_dir = model or rl_base_model()
+    configs = experiment_configs(experiments, steps, seed=seed, eval_every=eval_every or max(1, steps // 6))
     start = time.perf_counter()
-    exps = run(run_demo(experiments, steps, bootstrap, model, workdir, console))
+    exps = run(run_demo(configs, bootstrap, model_dir, workdir, console))
     seconds = time.perf_counter() - start
-    summarize(exps, console, Path(png) if png else workdir / "losses.png", seconds)
+    summarize(exps, console, Path(png) if png else workdir / "rewards.png", seconds)
     if json_path:
-        payload = {"seconds": seconds, "experiments": [e.__dict__ for e in exps]}
+        payload = {"seconds": seconds, "model": model_dir, "experiments": [e.summary() for e in exps]}
         Path(json_path).write_text(json.dumps(payload, indent=2))
-    return 0 if all(e.returncode == 0 and e.completion == e.target for e in exps) else 1
+    return 0 if all(e.returncode == 0 and e.error is None for e in exps) else 1

@@ -1,4 +1,4 @@
-"""``hotlora plot``: reward and held-out accuracy curves per experiment, from the metrics topic or a JSON-lines file."""
+"""``hotlora plot``: training and held-out reward curves per experiment, from the metrics topic or a JSON-lines file."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from hotlora.schemas import Metrics
 
 
 def plot_metrics(metrics: Sequence[Metrics], out: str | Path) -> Path:
-    """Two panels, one line per experiment: training reward per step, greedy eval accuracy per eval."""
+    """Two panels, one line per experiment: training reward per step, and held-out reward per eval
+    (solid) with greedy held-out accuracy (dotted, same colour)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -24,13 +25,16 @@ def plot_metrics(metrics: Sequence[Metrics], out: str | Path) -> Path:
     for name, rows in sorted(by_experiment.items()):
         rows.sort(key=lambda m: m.step)
         rewards = [(m.step, m.reward_mean) for m in rows if m.reward_mean is not None]
-        evals = [(m.step, m.accuracy) for m in rows if m.accuracy is not None]
+        evals = [(m.step, m.eval_reward) for m in rows if m.eval_reward is not None]
+        greedy = [(m.step, m.accuracy) for m in rows if m.accuracy is not None]
         if rewards:
             reward_ax.plot(*zip(*rewards, strict=True), label=name)
         if evals:
-            acc_ax.plot(*zip(*evals, strict=True), marker="o", label=name)
+            (line,) = acc_ax.plot(*zip(*evals, strict=True), marker="o", label=name)
+            if greedy:
+                acc_ax.plot(*zip(*greedy, strict=True), linestyle=":", color=line.get_color())
     reward_ax.set(title="training reward (group mean)", xlabel="step", ylabel="reward")
-    acc_ax.set(title="held-out accuracy (greedy)", xlabel="step", ylabel="accuracy")
+    acc_ax.set(title="held-out reward (dotted: greedy accuracy)", xlabel="step", ylabel="reward")
     for ax in (reward_ax, acc_ax):
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize="small")

@@ -273,8 +273,9 @@ class EngineStatus(Event, tag="engine_status", kw_only=True, frozen=True):
 class Metrics(Event, tag="metrics", kw_only=True, frozen=True):
     """An agent's progress, published by the agent (not the engine) on the metrics topic.
 
-    One per training step; ``step`` 0 and eval steps carry ``accuracy`` (greedy, held-out set of the
-    current ``task``) and ``accuracy_by_task`` (every task seen so far: forgetting, in continual runs).
+    One per training step; ``step`` 0 and eval steps carry ``eval_reward`` (mean reward of sampled
+    completions at the training temperature on the held-out set of the current ``task``), ``accuracy``
+    (greedy exact match on the same set), and both per task seen so far (forgetting, in continual runs).
     ``logprob_mismatch`` is the mean |sampler logprob - trainer logprob| over the step's generated tokens.
     """
 
@@ -282,6 +283,8 @@ class Metrics(Event, tag="metrics", kw_only=True, frozen=True):
     task: str
     step: NonNegative
     reward_mean: float | None = None
+    eval_reward: float | None = None
+    eval_reward_by_task: dict[str, float] = msgspec.field(default_factory=dict)
     accuracy: float | None = None
     accuracy_by_task: dict[str, float] = msgspec.field(default_factory=dict)
     step_seconds: float = 0.0
