@@ -32,6 +32,7 @@ def experiment_configs(n: int, steps: int, seed: int = 0, **overrides: object) -
     configs = []
     for i in range(n):
         task, lr = CATALOGUE[i % len(CATALOGUE)]
+        task = str(overrides.get("task", task))
         configs.append(
             GrpoConfig(
                 adapter_id=f"exp-{i}-{task}",

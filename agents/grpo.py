@@ -22,12 +22,12 @@ from transformers import AutoTokenizer
 from hotlora.agents.client import HotLoraClient
 from hotlora.agents.metrics import MetricsSink
 from hotlora.agents.tasks import TASKS, ContinualSchedule, render_prompt
-from hotlora.engine.requests import SampleOutput
+from hotlora.engine.requests import SampleOutput, SaveOutput
 from hotlora.engine.sampler import SamplingParams
 from hotlora.engine.types import AdamParams, Datum, ForwardBackwardOutput, LoraSpec, OptimStepOutput
 from hotlora.schemas import Metrics
 
-CONTINUAL_TASKS = ("arithmetic", "reverse", "count")
+CONTINUAL_TASKS = ("sort", "format", "reverse")
 # Every eval samples prompt j with seed EVAL_SEED + j: evals before and after training (and across
 # experiments) share their random numbers, so a change in eval reward is the policy's, not the dice's.
 EVAL_SEED = 7_000_000_000
@@ -49,6 +49,8 @@ class GrpoConfig:
     max_tokens: int = 16
     rank: int = 8
     seed: int = 0
+    # Where a continual run saves each phase's state; relative paths land under the engine's --checkpoint-dir.
+    checkpoint_dir: str = "continual"
 
 
 class Verbs(Protocol):
@@ -63,6 +65,8 @@ class Verbs(Protocol):
     ) -> ForwardBackwardOutput: ...
 
     async def optim_step(self, adapter_id: str, params: AdamParams | None = None) -> OptimStepOutput: ...
+
+    async def save_state(self, adapter_id: str, path: str, include_optimizer: bool = True) -> SaveOutput: ...
 
 
 # ----- the pure parts, tested by hand -----
@@ -203,7 +207,10 @@ async def run_grpo(
             skipped_groups=skipped,
             version=version,
         )
-        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+        if schedule.phase_ends_at(step) and len(schedule.phases) > 1:  # a continual run keeps each phase's adapter
+            path = f"{cfg.checkpoint_dir}/{cfg.adapter_id}/phase-{schedule.phase_index(step)}-{task.name}"
+            fields["checkpoint"] = (await client.save_state(cfg.adapter_id, path)).path
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps or "checkpoint" in fields:
             fields = await evaluate(step + 1, **fields)
         await report(step + 1, task.name, **fields)
 

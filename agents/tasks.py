@@ -163,6 +163,11 @@ class ContinualSchedule:
                 return i
         raise AssertionError("unreachable")
 
+    def phase_ends_at(self, step: int) -> bool:
+        """True when ``step`` is the last step of its phase (where a continual run checkpoints)."""
+        index = self.phase_index(step)
+        return step + 1 == sum(steps for _, steps in self.phases[: index + 1])
+
     def task_at(self, step: int) -> str:
         return self.phases[self.phase_index(step)][0]
 

@@ -32,7 +32,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     return demo_main(
         args.experiments, args.steps or DEMO_STEPS, args.bootstrap, args.model, args.json, args.png, args.eval_every,
-        args.seed,
+        args.seed, args.task,
     )  # fmt: skip
 
 
@@ -187,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--json", default=None, metavar="PATH", help="write per-experiment results as JSON")
     demo.add_argument("--png", default=None, metavar="PATH", help="reward-curve PNG (default: in the run's dir)")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument(
+        "--task", default=None, help="run every experiment on this task (e.g. continual) instead of the catalogue's"
+    )
     demo.add_argument("--in-process", action="store_true", help="SFT of two adapters in this process, no Kafka")
     demo.set_defaults(func=_cmd_demo)
 

@@ -65,6 +65,11 @@ class Experiment:
             "initial_accuracy": evals[0].accuracy if evals else None,
             "final_accuracy": evals[-1].accuracy if len(evals) > 1 else None,
             "eval_curve": [(m.step, m.eval_reward) for m in evals],
+            "checkpoints": [
+                {"step": m.step, "task": m.task, "path": m.checkpoint, "eval_reward_by_task": m.eval_reward_by_task}
+                for m in self.metrics
+                if m.checkpoint
+            ],
             "seconds": self.seconds,
             "returncode": self.returncode,
             "error": self.error,
@@ -216,11 +221,27 @@ def summarize(exps: list[Experiment], console: Console, png: Path | None, second
             acc,
         )
     console.print(table)
+    for e in exps:
+        if any(m.checkpoint for m in e.metrics):
+            console.print(forgetting_table(e))
     metrics = [m for e in exps for m in e.metrics]
     if png is not None and metrics:
         from hotlora.plot import plot_metrics
 
         console.print(f"reward curves: {plot_metrics(metrics, png)}")
+
+
+def forgetting_table(exp: Experiment) -> Table:
+    """A continual run: held-out reward on every task seen so far, at each phase's checkpoint."""
+    rows = [m for m in exp.metrics if m.checkpoint or m.step == 0]
+    tasks = list(dict.fromkeys(name for m in rows for name in m.eval_reward_by_task))
+    table = Table(title=f"{exp.config.adapter_id}: continual learning, held-out reward per checkpoint")
+    for column in ("step", "trained on", "checkpoint", *tasks):
+        table.add_column(column)
+    for m in rows:
+        cells = [f"{m.eval_reward_by_task[t]:.3f}" if t in m.eval_reward_by_task else "" for t in tasks]
+        table.add_row(str(m.step), m.task if m.step else "-", m.checkpoint or "(base)", *cells)
+    return table
 
 
 def main(
@@ -232,18 +253,26 @@ def main(
     png: str | None,
     eval_every: int | None = None,
     seed: int = 0,
+    task: str | None = None,
 ) -> int:
     from hotlora.agents.experiments import experiment_configs
     from hotlora.engine.core import run
     from hotlora.engine.model_init import rl_base_model
 
+    from hotlora.agents.tasks import TASKS
+
     if experiments < 1 or steps < 1:
         raise SystemExit("error: --experiments and --steps must be >= 1")
+    if task is not None and task not in (*TASKS, "continual"):
+        raise SystemExit(f"error: unknown task {task!r} (available: continual, {', '.join(TASKS)})")
     console = Console()
     workdir = Path(tempfile.mkdtemp(prefix="hotlora-demo-"))
     console.print(f"logs and checkpoints: {workdir}")
     model_dir = model or rl_base_model()
-    configs = experiment_configs(experiments, steps, seed=seed, eval_every=eval_every or max(1, steps // 6))
+    overrides: dict[str, object] = {"eval_every": eval_every or max(1, steps // 6)}
+    if task:
+        overrides["task"] = task
+    configs = experiment_configs(experiments, steps, seed=seed, **overrides)
     start = time.perf_counter()
     exps = run(run_demo(configs, bootstrap, model_dir, workdir, console))
     seconds = time.perf_counter() - start

@@ -293,6 +293,7 @@ class Metrics(Event, tag="metrics", kw_only=True, frozen=True):
     groups: NonNegative = 0
     skipped_groups: NonNegative = 0
     version: NonNegative = 0
+    checkpoint: str | None = None  # a continual run's state saved at the end of a phase
 
 
 RequestMessage = (

@@ -46,3 +46,12 @@ def topic_prefix(request: pytest.FixtureRequest) -> str:
     """A prefix unique to the test: Tansu breaks if a topic is deleted and recreated in one life."""
     name = "".join(c if c.isalnum() else "-" for c in request.node.name)[:60]
     return f"t-{name}-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(scope="session")
+def rl_base_path() -> Path:
+    """The pretrained base RL starts from: the same recipe as ``hotlora model init --pretrain`` and the
+    demo, in the user's cache (built once, ~2 minutes on 2 cores, then reused across sessions)."""
+    from hotlora.engine.model_init import rl_base_model
+
+    return Path(rl_base_model(progress=False))

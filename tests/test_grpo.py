@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import io
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,6 +86,7 @@ def test_grpo_loop_runs_through_the_engine(tiny_model_path: Path) -> None:
     schedule = ContinualSchedule((("arithmetic", 2), ("reverse", 2)))
     # A random-init model is near-greedy at temperature 1: every group would score the same and be skipped.
     cfg = GrpoConfig(adapter_id="g", steps=4, group_size=4, batch_size=3, eval_every=2, max_tokens=6, temperature=5.0)
+    cfg = dataclasses.replace(cfg, checkpoint_dir=str(tiny_model_path.parent / "grpo-test-continual"))
     out = io.StringIO()
 
     def encode_problem(problem: Problem) -> list[int]:
@@ -117,9 +119,15 @@ def test_grpo_loop_runs_through_the_engine(tiny_model_path: Path) -> None:
         assert m.reward_mean is not None and 0.0 <= m.reward_mean <= 1.0 and m.step_seconds > 0
     # evals at step 0, every 2 steps and at the end; forgetting: the earlier task is evaluated too
     assert [m.step for m in metrics if m.accuracy is not None] == [0, 2, 4]
-    assert set(metrics[0].accuracy_by_task) == {"arithmetic"}
-    assert set(metrics[-1].accuracy_by_task) == {"arithmetic", "reverse"}
+    assert [m.step for m in metrics if m.eval_reward is not None] == [0, 2, 4]
+    # each phase's end saves the adapter (a continual run's checkpoints), and evaluates every task seen
+    assert [m.step for m in metrics if m.checkpoint] == [2, 4]
+    assert metrics[2].checkpoint.endswith("g/phase-0-arithmetic") and Path(metrics[2].checkpoint).is_dir()
+    assert set(metrics[0].accuracy_by_task) == set(metrics[0].eval_reward_by_task) == {"arithmetic"}
+    assert set(metrics[-1].accuracy_by_task) == set(metrics[-1].eval_reward_by_task) == {"arithmetic", "reverse"}
     assert metrics[-1].accuracy == metrics[-1].accuracy_by_task["reverse"]
+    assert metrics[-1].eval_reward == metrics[-1].eval_reward_by_task["reverse"]
+    assert all(0.0 <= m.eval_reward <= 1.0 for m in metrics if m.eval_reward is not None)
     # the JSON lines read back as the same messages, and each is a wire message for the metrics topic
     path = tiny_model_path.parent / "grpo-test-metrics.jsonl"
     path.write_text(out.getvalue() + '{"done": true}\n')
@@ -181,5 +189,5 @@ def test_agent_config_flags_override_the_toml_file(tmp_path: Path) -> None:
 
 def test_continual_schedule_splits_the_steps_over_three_tasks() -> None:
     schedule = make_schedule(GrpoConfig("c", task="continual", steps=10))
-    assert schedule.phases == (("arithmetic", 3), ("reverse", 3), ("count", 4))
+    assert schedule.phases == (("sort", 3), ("format", 3), ("reverse", 4))
     assert make_schedule(GrpoConfig("c", task="sort", steps=5)).phases == (("sort", 5),)

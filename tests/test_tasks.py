@@ -213,3 +213,8 @@ def test_schedule_validation_and_parse():
     for bad in ("arithmetic", "arithmetic:x", "arithmetic:-3", ""):
         with pytest.raises(ValueError):
             ContinualSchedule.parse(bad)
+
+
+def test_phase_ends_mark_the_last_step_of_each_phase() -> None:
+    schedule = ContinualSchedule((("sort", 2), ("format", 1), ("reverse", 3)))
+    assert [s for s in range(schedule.total_steps) if schedule.phase_ends_at(s)] == [1, 2, 5]
