@@ -76,7 +76,7 @@ class EngineClosed(HotLoraError):
 class EngineConfig:
     """Knobs of the engine loop; the runner and scheduler keep their own."""
 
-    max_decode_rows: int = 64
+    max_decode_rows: int = 256
     scheduler: SchedulerPolicy = field(default_factory=SchedulerPolicy)
     runner: RunnerConfig = field(default_factory=RunnerConfig)
 

@@ -341,7 +341,7 @@ class NativeSampler:
     def _admit(self) -> None:
         """First come, first served: a request that does not fit waits, and so do the ones behind it."""
         free = self.max_rows - len(self._rows)
-        admitted: list[tuple[_Request, list[tuple[torch.Tensor, torch.Tensor]] | None]] = []
+        admitted: list[_Request] = []
         while self._waiting and self._waiting[0].request.n <= free:
             state = self._waiting[0]
             if state.adapter is not None:
@@ -352,21 +352,50 @@ class NativeSampler:
                 state.pinned = True
             self._waiting.popleft()
             free -= state.request.n
-            admitted.append((state, self._prefill(state)))
+            admitted.append(state)
         if admitted:
-            self._merge(admitted)
+            self._merge(list(zip(admitted, self._prefill(admitted), strict=True)))
 
-    def _prefill(self, state: _Request) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
-        """KV of the prompt minus its last token; that token is fed by the decode step, which samples."""
-        state.version = 0 if state.adapter is None else state.adapter.version
-        prompt = state.request.prompt_tokens
-        if len(prompt) == 1:
-            return None
+    def _prefill(self, states: list[_Request]) -> list[list[tuple[torch.Tensor, torch.Tensor]] | None]:
+        """KV of each prompt minus its last token (the decode step feeds that one, and samples).
+
+        All admitted prompts go through ONE forward, left-padded, rows grouped by adapter slot: a mixed-
+        adapter micro-batch, so the cost of admitting k requests is one forward, not k. Each request's KV
+        comes back without the padding columns, exactly the shape a lone prefill would give.
+        """
+        for state in states:
+            state.version = 0 if state.adapter is None else state.adapter.version
+        todo = sorted(
+            (i for i, s in enumerate(states) if len(s.request.prompt_tokens) > 1), key=lambda i: states[i].slot
+        )
+        found: list[list[tuple[torch.Tensor, torch.Tensor]] | None] = [None] * len(states)
+        if not todo:
+            return found
+        lengths = [len(states[i].request.prompt_tokens) - 1 for i in todo]
+        width = max(lengths)
+        ids = torch.zeros(len(todo), width, dtype=torch.long)
+        for row, (i, length) in enumerate(zip(todo, lengths, strict=True)):
+            ids[row, width - length :] = torch.tensor(states[i].request.prompt_tokens[:-1])
+        pad = torch.tensor([width - length for length in lengths])
+        columns = torch.arange(width)
+        mask = columns[None, :] >= pad[:, None]
+        positions = (columns[None, :] - pad[:, None]).clamp(min=0)
         cache = DynamicCache()
-        ids = torch.tensor([prompt[:-1]], dtype=torch.long, device=self.device)
-        with lora_batch(self.runner.lora, [state.slot]):
-            self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        return [(layer.keys, layer.values) for layer in cache.layers]
+        with lora_batch(self.runner.lora, [states[i].slot for i in todo]):
+            self.model(
+                input_ids=ids.to(self.device),
+                attention_mask=mask.to(self.device),
+                position_ids=positions.to(self.device),
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        for row, (i, length) in enumerate(zip(todo, lengths, strict=True)):
+            found[i] = [
+                (layer.keys[row : row + 1, :, width - length :], layer.values[row : row + 1, :, width - length :])
+                for layer in cache.layers
+            ]
+        return found
 
     def _merge(self, admitted: list[tuple[_Request, list[tuple[torch.Tensor, torch.Tensor]] | None]]) -> None:
         """Left-pad running and new KV to one width, stack them, and reorder rows so each slot is contiguous."""

@@ -28,7 +28,7 @@ class ServiceConfig:
     dtype: str = "auto"
     device: str = "auto"
     heartbeat_interval: float = 5.0  # seconds between heartbeat events
-    max_decode_rows: int = 64
+    max_decode_rows: int = 256
     resident_slots: int | None = None
     log_level: str = "info"
     # Apache Kafka's brokers refuse sessions under 6 s by default; tests against Tansu use 2000 / 300.
@@ -58,7 +58,7 @@ _FLAGS: dict[str, str] = {
     "dtype": "model dtype: auto, float32, bfloat16, float16 (default auto)",
     "device": "model device: auto, cpu, cuda (default auto)",
     "heartbeat_interval": "seconds between heartbeat events (default 5)",
-    "max_decode_rows": "rows in the running decode batch (default 64)",
+    "max_decode_rows": "rows in the running decode batch (default 256)",
     "resident_slots": "adapters resident on the device at once (default: all)",
     "log_level": "debug, info, warning, error (default info)",
     "session_timeout_ms": "consumer group session timeout (default 10000)",

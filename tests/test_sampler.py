@@ -100,6 +100,25 @@ def test_one_forward_per_decode_step_with_one_run_per_adapter(adapters: ModelRun
     assert runs == [4, 4, 4]  # one forward per step, each adapter's rows in one contiguous run
 
 
+def test_admitting_many_requests_prefills_them_in_one_forward(adapters: ModelRunner) -> None:
+    runner = adapters
+    sampler = NativeSampler(runner)
+    for k in range(8):  # four adapters (and prompt lengths) mixed
+        sampler.add(SampleRequest(f"r{k}", ADAPTERS[k % 4], PROMPTS[k % 4], 2, GREEDY))
+    shapes: list[tuple[int, ...]] = []
+    hook = runner.model.register_forward_pre_hook(
+        lambda _m, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
+    )
+    try:
+        sampler.step()
+    finally:
+        hook.remove()
+    widest = max(len(p) for p in PROMPTS) - 1
+    prefilled = sum(len(PROMPTS[k % 4]) > 1 for k in range(8))  # a one-token prompt has nothing to prefill
+    assert prefilled == 6
+    assert shapes == [(prefilled, widest), (16, 1)]  # one prefill for all the prompts, one decode of all 16 rows
+
+
 def test_request_joining_mid_decode_matches_solo(adapters: ModelRunner) -> None:
     runner = adapters
     early = [
