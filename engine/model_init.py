@@ -8,7 +8,7 @@ from pathlib import Path
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from hotlora.engine.errors import InvalidRequest
-from hotlora.engine.tiny_model import TinyModelRecipe, ensure_tiny_model
+from hotlora.engine.tiny_model import COMPLETE_MARKER, TinyModelRecipe, default_cache_root, ensure_tiny_model
 
 DEFAULT_PRETRAIN_STEPS = 1500
 # A fifth of pretraining answers are another example's answer: the base then knows most answers but
@@ -60,7 +60,8 @@ def init_model(
 def rl_base_model(progress: bool = True) -> str:
     """The pretrained tiny base that RL agents, the demo and ``bench experiments`` start from (built once, cached)."""
     recipe = recipe_for(pretrain=True)
-    if not progress:
+    cached = default_cache_root() / recipe.cache_key() / COMPLETE_MARKER
+    if not progress or cached.is_file():
         return str(ensure_tiny_model(recipe))
     with Progress(TextColumn("pretraining the RL base (once)"), BarColumn(), MofNCompleteColumn()) as bar:
         task = bar.add_task("pretrain", total=max(recipe.pretrain_steps, 1))

@@ -66,7 +66,7 @@ def test_parse_sweep() -> None:
 def test_plan_defaults_and_validation() -> None:
     full, quick = plan_from_args(parse()), plan_from_args(parse("--quick"))
     assert (full.experiments, full.steps, full.solo_seeds, full.sweep) == (8, 30, 3, (1, 2, 4, 8, 16))
-    assert (quick.experiments, quick.steps, quick.solo_seeds, quick.sweep) == (4, 3, 2, (1, 2, 4))
+    assert (quick.experiments, quick.steps, quick.solo_seeds, quick.sweep) == (4, 3, 3, (1, 2, 4))
     assert quick.quick and quick.configs()[0].eval_samples == 1 and not full.overrides
     flagged = plan_from_args(parse("--quick", "--experiments", "8", "--steps", "6", "--sweep", "1,3"))
     assert (flagged.experiments, flagged.steps, flagged.sweep) == (8, 6, (1, 3))

@@ -74,7 +74,7 @@ and `ratio_k = k W_1 / W_k`: throughput relative to one experiment alone (k woul
 Step latency is the agents' own `step_seconds` (sample, score, forward_backward, optim_step). k=1 reuses
 the warm run of the first experiment and k=N the concurrent run.
 
-`--quick` (under 5 minutes on 2 cores) runs every phase with less in it: 4 experiments x 3 steps, 2 solo
+`--quick` (under 5 minutes on 2 cores) runs every phase with less in it: 4 experiments x 3 steps, 3 solo
 seeds, sweep 1,2,4, and 1 sampled completion per held-out prompt (m = 64, so a wider band).
 """
 
@@ -88,7 +88,7 @@ DEFAULT_SOLO_SEEDS = 3
 # of it. Evals dominate an experiment this short, so quick also draws 1 completion per held-out prompt.
 QUICK_STEPS = 3
 QUICK_EXPERIMENTS = 4  # 8 measured 330 s here: each cold engine start-up alone is ~15-20 s
-QUICK_SOLO_SEEDS = 2
+QUICK_SOLO_SEEDS = 3
 QUICK_OVERRIDES: dict[str, Any] = {"eval_samples": 1}
 SE_CLIP = (0.05, 0.95)
 ENGINE_READY_TIMEOUT_S = 300.0
