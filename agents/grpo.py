@@ -157,6 +157,8 @@ async def run_grpo(
     async def evaluate(step: int, **fields: Any) -> dict[str, Any]:
         current = schedule.task_at(max(step - 1, 0))  # the task the last step trained on
         names = [*schedule.seen_before(max(step - 1, 0)), current]  # earlier tasks show forgetting
+        if step == 0:  # the base on every task of the schedule: the reference for gains and forgetting
+            names = list(dict.fromkeys([current, *(name for name, _ in schedule.phases)]))
         by_task = {name: await evaluate_task(client, cfg, tasks[name], encode, decode) for name in names}
         return {
             "eval_reward": by_task[current].reward,

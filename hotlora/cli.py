@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from hotlora.agents.grpo import GrpoConfig
 
-DEMO_STEPS = 60  # about 5 minutes for 4 experiments on a 2-core CPU
+DEMO_STEPS = 120  # 4 experiments: about 4 minutes on a 2-core CPU
 
 
 def _cmd_model_init(args: argparse.Namespace) -> int:

@@ -256,10 +256,9 @@ def main(
     task: str | None = None,
 ) -> int:
     from hotlora.agents.experiments import experiment_configs
+    from hotlora.agents.tasks import TASKS
     from hotlora.engine.core import run
     from hotlora.engine.model_init import rl_base_model
-
-    from hotlora.agents.tasks import TASKS
 
     if experiments < 1 or steps < 1:
         raise SystemExit("error: --experiments and --steps must be >= 1")

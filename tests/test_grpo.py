@@ -123,7 +123,8 @@ def test_grpo_loop_runs_through_the_engine(tiny_model_path: Path) -> None:
     # each phase's end saves the adapter (a continual run's checkpoints), and evaluates every task seen
     assert [m.step for m in metrics if m.checkpoint] == [2, 4]
     assert metrics[2].checkpoint.endswith("g/phase-0-arithmetic") and Path(metrics[2].checkpoint).is_dir()
-    assert set(metrics[0].accuracy_by_task) == set(metrics[0].eval_reward_by_task) == {"arithmetic"}
+    assert set(metrics[0].accuracy_by_task) == set(metrics[0].eval_reward_by_task) == {"arithmetic", "reverse"}
+    assert metrics[0].eval_reward == metrics[0].eval_reward_by_task["arithmetic"]  # step 0: the base on every task
     assert set(metrics[-1].accuracy_by_task) == set(metrics[-1].eval_reward_by_task) == {"arithmetic", "reverse"}
     assert metrics[-1].accuracy == metrics[-1].accuracy_by_task["reverse"]
     assert metrics[-1].eval_reward == metrics[-1].eval_reward_by_task["reverse"]
