@@ -81,9 +81,14 @@ def group_advantages(rewards: Sequence[float], std_normalize: bool = False) -> l
     return [(r - mean) / scale for r in rewards]
 
 
+def step_seed(cfg: GrpoConfig, step: int) -> int:
+    """The seed of one training step's problems; its samples derive from it (``sample_seed``)."""
+    return cfg.seed * 1_000_003 + step
+
+
 def sample_seed(cfg: GrpoConfig, step: int, prompt_index: int) -> int:
     """Seeded sampling makes a run reproducible whatever else shares the engine's batches."""
-    return (cfg.seed * 1_000_003 + step) * 1_000 + prompt_index
+    return step_seed(cfg, step) * 1_000 + prompt_index
 
 
 def rl_datum(prompt: Sequence[int], tokens: Sequence[int], logprobs: Sequence[float], advantage: float) -> Datum:
@@ -176,7 +181,7 @@ async def run_grpo(
     for step in range(cfg.steps):
         start = time.perf_counter()
         task = tasks[schedule.task_at(step)]
-        problems = task.problems(cfg.seed * 1_000_003 + step, cfg.batch_size)
+        problems = task.problems(step_seed(cfg, step), cfg.batch_size)
         prompts = [encode(p) for p in problems]
         groups = await asyncio.gather(
             *(
@@ -231,7 +236,8 @@ def make_schedule(cfg: GrpoConfig) -> ContinualSchedule:
     return ContinualSchedule(phases=tuple(zip(CONTINUAL_TASKS, steps, strict=True)))
 
 
-async def run_grpo_agent(cfg: GrpoConfig, bootstrap: str, model: str, topic_prefix: str = "hotlora") -> int:
+def tokenizer_codec(model: str) -> tuple[Callable[[Any], list[int]], Callable[[list[int]], str]]:
+    """``encode`` (problem -> prompt tokens) and ``decode`` (generated tokens -> text) from the model's tokenizer."""
     tokenizer = AutoTokenizer.from_pretrained(model)
 
     def encode(problem: Any) -> list[int]:
@@ -240,6 +246,11 @@ async def run_grpo_agent(cfg: GrpoConfig, bootstrap: str, model: str, topic_pref
     def decode(tokens: list[int]) -> str:
         return tokenizer.decode(tokens, skip_special_tokens=True)
 
+    return encode, decode
+
+
+async def run_grpo_agent(cfg: GrpoConfig, bootstrap: str, model: str, topic_prefix: str = "hotlora") -> int:
+    encode, decode = tokenizer_codec(model)
     async with (
         HotLoraClient(bootstrap, topic_prefix=topic_prefix) as client,
         MetricsSink(bootstrap, topic_prefix) as sink,

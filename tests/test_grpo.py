@@ -11,11 +11,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoTokenizer
 
-from hotlora.agents.grpo import GrpoConfig, group_advantages, logprob_mismatch, make_schedule, rl_datum, run_grpo
+from hotlora.agents.grpo import (
+    GrpoConfig,
+    group_advantages,
+    logprob_mismatch,
+    make_schedule,
+    rl_datum,
+    run_grpo,
+    tokenizer_codec,
+)
 from hotlora.agents.metrics import MetricsSink, read_jsonl, read_topic, to_json_line
-from hotlora.agents.tasks import ContinualSchedule, Problem, render_prompt
+from hotlora.agents.tasks import ContinualSchedule, Problem
 from hotlora.cli import build_parser, grpo_config
 from hotlora.cli import main as cli_main
 from hotlora.engine.broker import EmbeddedBroker
@@ -81,19 +88,13 @@ class FakeTask:
 
 
 def test_grpo_loop_runs_through_the_engine(tiny_model_path: Path) -> None:
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)
+    encode_problem, decode_tokens = tokenizer_codec(str(tiny_model_path))
     tasks = {"arithmetic": FakeTask("arithmetic"), "reverse": FakeTask("reverse")}
     schedule = ContinualSchedule((("arithmetic", 2), ("reverse", 2)))
     # A random-init model is near-greedy at temperature 1: every group would score the same and be skipped.
     cfg = GrpoConfig(adapter_id="g", steps=4, group_size=4, batch_size=3, eval_every=2, max_tokens=6, temperature=5.0)
     cfg = dataclasses.replace(cfg, checkpoint_dir=str(tiny_model_path.parent / "grpo-test-continual"))
     out = io.StringIO()
-
-    def encode_problem(problem: Problem) -> list[int]:
-        return [tokenizer.bos_token_id, *tokenizer.encode(render_prompt(problem), add_special_tokens=False)]
-
-    def decode_tokens(tokens: list[int]) -> str:
-        return tokenizer.decode(tokens, skip_special_tokens=True)
 
     async def main() -> list[Metrics]:
         runner = ModelRunner.from_pretrained(tiny_model_path, dtype="float32", device="cpu", config=RunnerConfig())

@@ -191,11 +191,6 @@ def sweep_ratio(k: int, w1: float, wk: float) -> float:
     return k * w1 / wk
 
 
-def percentile(values: Sequence[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
 def samples_per_eval(cfg: GrpoConfig) -> int:
     """m: held-out prompts of the task evaluated last, times completions per prompt."""
     from hotlora.agents.grpo import make_schedule
@@ -205,23 +200,6 @@ def samples_per_eval(cfg: GrpoConfig) -> int:
 
 
 # ----- running experiments -----
-
-
-def tokenizer_codec(model: str) -> tuple[Callable[[Any], list[int]], Callable[[list[int]], str]]:
-    """encode/decode exactly as ``agents.grpo.run_grpo_agent`` builds them from the model's tokenizer."""
-    from transformers import AutoTokenizer
-
-    from hotlora.agents.tasks import render_prompt
-
-    tokenizer = AutoTokenizer.from_pretrained(model)
-
-    def encode(problem: Any) -> list[int]:
-        return [tokenizer.bos_token_id, *tokenizer.encode(render_prompt(problem), add_special_tokens=False)]
-
-    def decode(tokens: list[int]) -> str:
-        return tokenizer.decode(tokens, skip_special_tokens=True)
-
-    return encode, decode
 
 
 @dataclass
@@ -424,6 +402,7 @@ async def measure(
     engine_threads: int | None = None,
 ) -> dict[str, Any]:
     """Every phase on one broker (embedded Tansu unless ``bootstrap``); returns the report's measured part."""
+    from hotlora.agents.grpo import tokenizer_codec
     from hotlora.engine.broker import EmbeddedBroker
 
     workdir = Path(tempfile.mkdtemp(prefix="hotlora-bench-experiments-"))
