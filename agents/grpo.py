@@ -200,16 +200,18 @@ async def run_grpo(
             datums += [
                 rl_datum(prompt, s.tokens, s.logprobs, a) for s, a in zip(group.sequences, advantages, strict=True)
             ]
-        loss = mismatch = None
+        loss = mismatch = sync = None
         if datums:
             fb = await client.forward_backward(cfg.adapter_id, datums, cfg.loss)
-            version = (await client.optim_step(cfg.adapter_id, AdamParams(learning_rate=cfg.learning_rate))).version
+            stepped = await client.optim_step(cfg.adapter_id, AdamParams(learning_rate=cfg.learning_rate))
+            version, sync = stepped.version, stepped.weight_sync_s
             loss, mismatch = fb.loss, logprob_mismatch(datums, fb)
         fields = dict(
             reward_mean=sum(rewards) / len(rewards),
             step_seconds=time.perf_counter() - start,
             loss=loss,
             logprob_mismatch=mismatch,
+            weight_sync_s=sync,
             groups=len(groups),
             skipped_groups=skipped,
             version=version,

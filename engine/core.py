@@ -5,6 +5,12 @@ request joins the pure ``Scheduler``; the busy loop asks the scheduler for the n
 the model in ONE dedicated worker thread, then reports completions back to the scheduler and resolves
 the callers' futures on the event loop.
 
+Two sampler backends. The native one decodes inside the engine's own steps (``DecodeSlice``). The
+vLLM one (``EngineConfig.sampler = "vllm"``) runs its own continuous batching in vLLM's engine core:
+the busy loop only hands it each admitted sample as an asyncio task, and after every barrier that
+changes an adapter's weights it exports them and publishes them to vLLM as a new version before the
+barrier completes, so samples submitted after an ``optim_step`` see the new weights.
+
 Why a worker thread rather than yielding between steps: a step is one uninterruptible stretch of torch
 work (tens of milliseconds to seconds on a big batch). In the worker, torch releases the GIL inside
 its kernels, so the event loop keeps accepting requests, serving heartbeats and moving Kafka messages
@@ -16,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -24,7 +31,7 @@ from typing import Any, TypeVar
 
 import structlog
 
-from hotlora.engine.errors import HotLoraError, InvalidRequest
+from hotlora.engine.errors import HotLoraError, InvalidRequest, RolloutError
 from hotlora.engine.requests import (
     CreateAdapter,
     DeleteAdapter,
@@ -59,6 +66,7 @@ from hotlora.engine.types import (
     LoraSpec,
     OptimStepOutput,
 )
+from hotlora.engine.vllm_sampler import VllmSampler, VllmSettings, resolve_sampler
 
 log = structlog.get_logger("hotlora.engine")
 T = TypeVar("T")
@@ -77,6 +85,8 @@ class EngineConfig:
     """Knobs of the engine loop; the runner and scheduler keep their own."""
 
     max_decode_rows: int = 256
+    sampler: str = "native"  # "native" | "vllm" | "auto" (vLLM when it imports)
+    vllm: VllmSettings = field(default_factory=VllmSettings)
     scheduler: SchedulerPolicy = field(default_factory=SchedulerPolicy)
     runner: RunnerConfig = field(default_factory=RunnerConfig)
 
@@ -90,10 +100,26 @@ class Engine:
     def __init__(self, runner: ModelRunner, config: EngineConfig | None = None) -> None:
         self.config = config or EngineConfig()
         self.runner = runner
-        self.sampler = NativeSampler(runner, max_rows=self.config.max_decode_rows)
+        self.sampler_name = resolve_sampler(self.config.sampler)
+        self.sampler: NativeSampler | None = None
+        self.rollout: VllmSampler | None = None
+        if self.sampler_name == "vllm":
+            base = runner.base
+            self.rollout = VllmSampler(
+                base.path,
+                base.dtype,
+                base.device,
+                self.config.max_decode_rows,
+                base.max_positions,
+                base.vocab_size,
+                self.config.vllm,
+            )
+        else:
+            self.sampler = NativeSampler(runner, max_rows=self.config.max_decode_rows)
         policy = self.config.scheduler
         if policy.max_decode_rows is None:
             policy.max_decode_rows = self.config.max_decode_rows
+        policy.decode_in_background = self.rollout is not None
         self.scheduler = Scheduler(policy)
         self._requests: dict[str, Request] = {}
         self._futures: dict[str, asyncio.Future[Any]] = {}
@@ -101,6 +127,7 @@ class Engine:
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
         self._closing = False
+        self._rollouts: set[asyncio.Task[None]] = set()
         self.steps_run = 0  # steps executed so far (heartbeats and tests read it)
 
     @classmethod
@@ -114,6 +141,8 @@ class Engine:
 
     async def start(self) -> Engine:
         if self._loop_task is None:
+            if self.rollout is not None:
+                self.rollout.start()
             self._loop_task = asyncio.create_task(self._busy_loop(), name="hotlora-engine-loop")
         return self
 
@@ -124,11 +153,17 @@ class Engine:
         if self._loop_task is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._loop_task
+        for task in list(self._rollouts):
+            task.cancel()
+        if self._rollouts:
+            await asyncio.gather(*self._rollouts, return_exceptions=True)
         for request_id, future in list(self._futures.items()):
             if not future.done():
                 future.set_exception(EngineClosed(f"engine closed before request {request_id!r} ran"))
         self._futures.clear()
         self._worker.shutdown(wait=True)
+        if self.rollout is not None:
+            self.rollout.close()
 
     async def __aenter__(self) -> Engine:
         return await self.start()
@@ -152,6 +187,8 @@ class Engine:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self.scheduler.submit(item)
         if isinstance(request, CreateAdapter):
+            if self.rollout is not None:
+                self.rollout.check_rank(request.adapter_id, request.spec.rank)
             self.scheduler.set_weight(request.adapter_id, request.weight)
         self._requests[request.request_id] = request
         self._futures[request.request_id] = future
@@ -224,9 +261,72 @@ class Engine:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
+            if isinstance(step, DecodeSlice) and self.rollout is not None:
+                for item in step.admit:
+                    self._start_rollout(item.request_id)
+                continue
             self.steps_run += 1
             done = await self._run_in_worker(self._execute, step)
+            if isinstance(step, RunBarrier) and self.rollout is not None:
+                await self._sync_rollout(self._requests[step.item.request_id], done)
             self._finish(done)
+
+    # ----- the vLLM backend (event loop) -----
+
+    def _start_rollout(self, request_id: str) -> None:
+        task = asyncio.create_task(self._rollout(request_id), name=f"hotlora-rollout-{request_id}")
+        self._rollouts.add(task)
+        task.add_done_callback(self._rollouts.discard)
+
+    async def _rollout(self, request_id: str) -> None:
+        assert self.rollout is not None
+        request = self._requests[request_id]
+        assert isinstance(request, Sample)
+        result: Any
+        try:
+            sample = SampleRequest(request_id, request.adapter_id, request.prompt_tokens, request.n, request.params)
+            result = await self.rollout.generate(sample)
+        except HotLoraError as err:
+            result = err
+        except asyncio.CancelledError:
+            result = EngineClosed(f"engine closed before request {request_id!r} finished")
+        except Exception as err:
+            log.exception("rollout_failed", request_id=request_id)
+            result = InternalError(f"{type(err).__name__}: {err}")
+        self._finish([(request_id, result)])
+        self._wake.set()
+
+    async def _sync_rollout(self, request: Request, done: Done) -> None:
+        """After a barrier changed an adapter's weights: export them and publish a new vLLM version.
+
+        Runs before the barrier completes, so nothing submitted after it samples the old weights. The
+        measured export + load time is returned on ``optim_step`` as ``weight_sync_s``.
+        """
+        assert self.rollout is not None
+        rollout = self.rollout
+        if isinstance(request, DeleteAdapter):
+            await rollout.drop(request.adapter_id)
+            return
+        if not isinstance(request, OptimStep | CreateAdapter | LoadState):
+            return
+        index, result = next((i, r) for i, (rid, r) in enumerate(done) if rid == request.request_id)
+        if isinstance(result, HotLoraError):
+            return
+        started = time.perf_counter()
+        adapter = None
+        try:
+            adapter = await self._run_in_worker(self.runner.adapters.get, request.adapter_id)
+            rollout.check_rank(request.adapter_id, adapter.spec.rank)
+            new = rollout.allocate(request.adapter_id, adapter.version)
+            await self._run_in_worker(self.runner.save_weights, request.adapter_id, new.path)
+            await rollout.publish(new)
+        except HotLoraError as err:
+            await rollout.fail(request.adapter_id, err.message)
+            applied = f"{type(request).__name__} applied (version {adapter.version}) but " if adapter else ""
+            done[index] = (request.request_id, RolloutError(f"{applied}the weights did not reach vLLM: {err.message}"))
+            return
+        if isinstance(result, OptimStepOutput):
+            result.weight_sync_s = time.perf_counter() - started
 
     async def _run_in_worker(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
@@ -274,6 +374,7 @@ class Engine:
         if isinstance(step, TrainSlice):
             return [item.request_id for item in step.items]
         if isinstance(step, DecodeSlice):
+            assert self.sampler is not None
             running = self.sampler.abort_all()
             return sorted(set(running) | {item.request_id for item in step.admit})
         return []
@@ -319,6 +420,7 @@ class Engine:
 
     def _run_decode(self, step: DecodeSlice, done: Done) -> None:
         """Admit, then decode; ``done`` fills as requests finish, so a later failure loses none of them."""
+        assert self.sampler is not None
         for item in step.admit:
             request = self._requests[item.request_id]
             assert isinstance(request, Sample)

@@ -38,3 +38,9 @@ class CapacityExceeded(HotLoraError):
 
 class CheckpointError(HotLoraError):
     code = "checkpoint_error"
+
+
+class RolloutError(HotLoraError):
+    """The rollout backend (vLLM) failed a request or a weight sync; the message says which and why."""
+
+    code = "rollout_failed"

@@ -98,6 +98,37 @@ class SampleRequest:
     params: SamplingParams
 
 
+def validate_sample(request: SampleRequest, vocab_size: int, max_positions: int, max_rows: int) -> list[int]:
+    """The request's prompt as plain ints, or ``InvalidRequest`` naming what is wrong.
+
+    Shared by every sampler backend, so a bad request fails the same way whichever one serves it.
+    """
+    rid = request.request_id
+    if not isinstance(rid, str) or not rid:
+        raise InvalidRequest(f"request_id must be a non-empty string, got {rid!r}")
+    params = request.params
+    if not isinstance(params, SamplingParams):
+        raise InvalidRequest(f"params must be SamplingParams, got {type(params).__name__}")
+    if not _is_int(request.n) or not 1 <= request.n <= max_rows:
+        raise InvalidRequest(f"n must be an integer in [1, {max_rows}], got {request.n!r}")
+    try:
+        prompt = [operator.index(t) for t in request.prompt_tokens]
+    except TypeError:
+        raise InvalidRequest("prompt_tokens must be a sequence of integer token ids") from None
+    if not prompt:
+        raise InvalidRequest("prompt_tokens must hold at least one token")
+    stop_ids = [s for s in params.stop if not isinstance(s, str)]
+    bad = [t for t in prompt + stop_ids if not 0 <= t < vocab_size]
+    if bad:
+        raise InvalidRequest(f"token id {bad[0]} is outside the vocabulary of {vocab_size}")
+    if len(prompt) + params.max_tokens > max_positions:
+        raise InvalidRequest(
+            f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) exceeds the model's {max_positions} "
+            "positions"
+        )
+    return prompt
+
+
 @dataclass(eq=False)
 class _Request:
     """A request's sampler-side state: resolved adapter, stop sets and the sequences done so far."""
@@ -201,33 +232,12 @@ class NativeSampler:
 
     def add(self, request: SampleRequest) -> None:
         """Validate and queue; a bad request raises here and never reaches the batch."""
-        rid = request.request_id
-        if not isinstance(rid, str) or not rid:
-            raise InvalidRequest(f"request_id must be a non-empty string, got {rid!r}")
+        prompt = validate_sample(request, self.vocab_size, self.runner.base.max_positions, self.max_rows)
+        rid, params = request.request_id, request.params
         if rid in self._requests:
             raise InvalidRequest(f"request {rid!r} is already queued or running")
-        params = request.params
-        if not isinstance(params, SamplingParams):
-            raise InvalidRequest(f"params must be SamplingParams, got {type(params).__name__}")
-        if not _is_int(request.n) or not 1 <= request.n <= self.max_rows:
-            raise InvalidRequest(f"n must be an integer in [1, {self.max_rows}], got {request.n!r}")
-        adapter = None if request.adapter_id is None else self.runner.adapters.get(request.adapter_id)
-        try:
-            prompt = [operator.index(t) for t in request.prompt_tokens]
-        except TypeError:
-            raise InvalidRequest("prompt_tokens must be a sequence of integer token ids") from None
-        if not prompt:
-            raise InvalidRequest("prompt_tokens must hold at least one token")
         stop_ids = [s for s in params.stop if not isinstance(s, str)]
-        bad = [t for t in prompt + stop_ids if not 0 <= t < self.vocab_size]
-        if bad:
-            raise InvalidRequest(f"token id {bad[0]} is outside the vocabulary of {self.vocab_size}")
-        limit = self.runner.base.max_positions
-        if len(prompt) + params.max_tokens > limit:
-            raise InvalidRequest(
-                f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) exceeds the model's {limit} "
-                "positions"
-            )
+        adapter = None if request.adapter_id is None else self.runner.adapters.get(request.adapter_id)
         stop_strings = tuple(s for s in params.stop if isinstance(s, str))
         state = _Request(
             request=SampleRequest(rid, request.adapter_id, prompt, request.n, params),

@@ -112,12 +112,15 @@ class SchedulerPolicy:
     ``max_decode_rows``: the decode batch's capacity in rows, if known. A sample wider than the whole
     batch could never be admitted and would hold up every adapter's sampling at its turn, so ``submit``
     refuses it as the tenant's error. ``None`` leaves that check to the caller.
+    ``decode_in_background``: the decode batch runs outside the engine's steps (the vLLM sampler), so a
+    ``DecodeSlice`` only admits: running rows still hold capacity, but never make a slice by themselves.
     """
 
     decode_steps_per_slice: int = 8
     train_token_budget: int = 8192
     quantum_tokens: int = 1024
     max_decode_rows: int | None = None
+    decode_in_background: bool = False
 
     def __post_init__(self) -> None:
         for name in ("decode_steps_per_slice", "train_token_budget", "quantum_tokens"):
@@ -369,7 +372,8 @@ class Scheduler:
         if barrier is not None:
             self._dispatch(barrier)
             return RunBarrier(barrier)
-        decode_ready = self._running_rows > 0 or self._any_eligible(WorkKind.SAMPLE)
+        decoding_here = self._running_rows > 0 and not self.policy.decode_in_background
+        decode_ready = decoding_here or self._any_eligible(WorkKind.SAMPLE)
         train_ready = self._any_eligible(WorkKind.FORWARD_BACKWARD)
         decode_first = self._last_slice is not WorkKind.SAMPLE
         for decode in (decode_first, not decode_first):
@@ -379,7 +383,7 @@ class Scheduler:
                 )
                 # Empty and nothing running: the next sample cannot fit even an idle batch (see
                 # ``max_decode_rows``); decoding nothing would spin, so let training run instead.
-                if admit or self._running_rows:
+                if admit or decoding_here:
                     for item in admit:
                         self._dispatch(item)
                     self._last_slice = WorkKind.SAMPLE

@@ -43,6 +43,7 @@ from hotlora.engine.kafka_admin import ensure_topics
 from hotlora.engine.runner import RunnerConfig
 from hotlora.engine.sequencing import OffsetTracker, ResultCache, Sequencer
 from hotlora.engine.service_config import ServiceConfig
+from hotlora.engine.vllm_sampler import VllmSettings
 from hotlora.schemas import messages as wire
 from hotlora.schemas.codec import decode, encode
 from hotlora.schemas.convert import from_engine, to_engine
@@ -173,10 +174,21 @@ class EngineService:
             from hotlora.engine.tiny_model import TinyModelRecipe, ensure_tiny_model
 
             self.model = str(ensure_tiny_model(TinyModelRecipe()))
+        settings = self.config
         config = EngineConfig(
-            max_decode_rows=self.config.max_decode_rows, runner=RunnerConfig(resident_slots=self.config.resident_slots)
+            max_decode_rows=settings.max_decode_rows,
+            sampler=settings.sampler,
+            vllm=VllmSettings(
+                max_loras=settings.vllm_max_loras,
+                max_lora_rank=settings.vllm_max_lora_rank,
+                gpu_memory_utilization=settings.vllm_gpu_memory_utilization,
+                kv_cache_bytes=settings.vllm_kv_cache_bytes,
+            ),
+            runner=RunnerConfig(resident_slots=settings.resident_slots),
         )
-        log.info("loading_model", model=self.model, dtype=self.config.dtype, device=self.config.device)
+        log.info(
+            "loading_model", model=self.model, dtype=settings.dtype, device=settings.device, sampler=settings.sampler
+        )
         return Engine.from_pretrained(self.model, dtype=self.config.dtype, device=self.config.device, config=config)
 
     async def _consume_until_stopped(self) -> None:
@@ -383,6 +395,7 @@ class EngineService:
             state=self.state,
             max_adapters=self.engine.runner.config.max_adapters,
             max_decode_rows=self.engine.config.max_decode_rows,
+            sampler=self.engine.sampler_name,
             adapters=from_engine(wire.ListAdapters(), infos).adapters,  # type: ignore[union-attr]
         )
         await self._send(self.topics.metrics, status)

@@ -30,6 +30,11 @@ class ServiceConfig:
     heartbeat_interval: float = 5.0  # seconds between heartbeat events
     max_decode_rows: int = 256
     resident_slots: int | None = None
+    sampler: str = "native"
+    vllm_max_loras: int = 8
+    vllm_max_lora_rank: int = 64
+    vllm_gpu_memory_utilization: float = 0.5
+    vllm_kv_cache_bytes: int = 256 << 20
     log_level: str = "info"
     # Apache Kafka's brokers refuse sessions under 6 s by default; tests against Tansu use 2000 / 300.
     session_timeout_ms: int = 10_000
@@ -60,6 +65,11 @@ _FLAGS: dict[str, str] = {
     "heartbeat_interval": "seconds between heartbeat events (default 5)",
     "max_decode_rows": "rows in the running decode batch (default 256)",
     "resident_slots": "adapters resident on the device at once (default: all)",
+    "sampler": "rollout backend: native, vllm, or auto (vllm when it imports) (default native)",
+    "vllm_max_loras": "vLLM: adapters in one batch (default 8)",
+    "vllm_max_lora_rank": "vLLM: largest LoRA rank, one of 1 8 16 32 64 128 256 320 512 (default 64)",
+    "vllm_gpu_memory_utilization": "vLLM on a GPU: its share of device memory; training gets the rest (default 0.5)",
+    "vllm_kv_cache_bytes": "vLLM on CPU: KV cache size in bytes (default 268435456)",
     "log_level": "debug, info, warning, error (default info)",
     "session_timeout_ms": "consumer group session timeout (default 10000)",
     "heartbeat_interval_ms": "consumer group heartbeat interval (default 1000)",

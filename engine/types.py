@@ -187,3 +187,6 @@ class OptimStepOutput:
     adapter_id: str
     version: int
     grad_norm: float
+    # Seconds to export the new weights and load them into a sampler that holds its own copy (vLLM);
+    # None for the native sampler, which reads the live tensors.
+    weight_sync_s: float | None = None

@@ -52,6 +52,11 @@ class Experiment:
     def final_reward(self) -> float | None:
         return self.evals[-1].eval_reward if len(self.evals) > 1 else None
 
+    def mean_of(self, name: str) -> float | None:
+        """Mean of a per-step metric over the steps that report it (None when none does)."""
+        values = [getattr(m, name) for m in self.metrics if getattr(m, name) is not None]
+        return sum(values) / len(values) if values else None
+
     def summary(self) -> dict[str, Any]:
         evals = self.evals
         return {
@@ -65,6 +70,8 @@ class Experiment:
             "initial_accuracy": evals[0].accuracy if evals else None,
             "final_accuracy": evals[-1].accuracy if len(evals) > 1 else None,
             "eval_curve": [(m.step, m.eval_reward) for m in evals],
+            "logprob_mismatch": self.mean_of("logprob_mismatch"),
+            "weight_sync_s": self.mean_of("weight_sync_s"),
             "checkpoints": [
                 {"step": m.step, "task": m.task, "path": m.checkpoint, "eval_reward_by_task": m.eval_reward_by_task}
                 for m in self.metrics
@@ -143,14 +150,21 @@ async def reap(process: asyncio.subprocess.Process | None, timeout: float = 60.0
 
 
 async def run_demo(
-    configs: list[GrpoConfig], bootstrap: str | None, model_dir: str, workdir: Path, console: Console
+    configs: list[GrpoConfig],
+    bootstrap: str | None,
+    model_dir: str,
+    workdir: Path,
+    console: Console,
+    sampler: str = "native",
 ) -> list[Experiment]:
     from hotlora.engine.broker import EmbeddedBroker
 
     prefix = f"demo-{os.getpid()}"
     broker = None if bootstrap else EmbeddedBroker(log_path=workdir / "broker.log").start()
     address = bootstrap or broker.bootstrap  # type: ignore[union-attr]
-    console.print(f"broker {address} ({'embedded Tansu' if broker else 'external'}), model {model_dir}")
+    console.print(
+        f"broker {address} ({'embedded Tansu' if broker else 'external'}), model {model_dir}, sampler {sampler}"
+    )
     engine: asyncio.subprocess.Process | None = None
     agents: list[asyncio.subprocess.Process] = []
     exps = [Experiment(cfg) for cfg in configs]
@@ -158,7 +172,7 @@ async def run_demo(
         engine_log = open(workdir / "engine.log", "wb")  # noqa: SIM115 - closed with the process
         engine = await asyncio.create_subprocess_exec(
             *hotlora_command("engine", "--bootstrap", address, "--model", model_dir, "--topic-prefix", prefix,
-                             "--checkpoint-dir", str(workdir / "checkpoints")),
+                             "--checkpoint-dir", str(workdir / "checkpoints"), "--sampler", sampler),
             stdout=engine_log,
             stderr=asyncio.subprocess.STDOUT,
         )  # fmt: skip
@@ -221,6 +235,12 @@ def summarize(exps: list[Experiment], console: Console, png: Path | None, second
             acc,
         )
     console.print(table)
+    mismatch = [v for e in exps if (v := e.mean_of("logprob_mismatch")) is not None]
+    sync = [v for e in exps if (v := e.mean_of("weight_sync_s")) is not None]
+    if mismatch:
+        console.print(f"train/inference logprob mismatch (mean |sampler - trainer|): {max(mismatch):.2e} at most")
+    if sync:
+        console.print(f"weight sync to vLLM per optim_step: {1000 * sum(sync) / len(sync):.1f} ms mean")
     for e in exps:
         if any(m.checkpoint for m in e.metrics):
             console.print(forgetting_table(e))
@@ -254,6 +274,7 @@ def main(
     eval_every: int | None = None,
     seed: int = 0,
     task: str | None = None,
+    sampler: str = "native",
 ) -> int:
     from hotlora.agents.experiments import experiment_configs
     from hotlora.agents.tasks import TASKS
@@ -273,10 +294,15 @@ def main(
         overrides["task"] = task
     configs = experiment_configs(experiments, steps, seed=seed, **overrides)
     start = time.perf_counter()
-    exps = run(run_demo(configs, bootstrap, model_dir, workdir, console))
+    exps = run(run_demo(configs, bootstrap, model_dir, workdir, console, sampler))
     seconds = time.perf_counter() - start
     summarize(exps, console, Path(png) if png else workdir / "rewards.png", seconds)
     if json_path:
-        payload = {"seconds": seconds, "model": model_dir, "experiments": [e.summary() for e in exps]}
+        payload = {
+            "seconds": seconds,
+            "model": model_dir,
+            "sampler": sampler,
+            "experiments": [e.summary() for e in exps],
+        }
         Path(json_path).write_text(json.dumps(payload, indent=2))
     return 0 if all(e.returncode == 0 and e.error is None for e in exps) else 1

@@ -20,6 +20,7 @@ from hotlora.engine.errors import (
     CheckpointError,
     HotLoraError,
     InvalidRequest,
+    RolloutError,
     UnknownAdapter,
 )
 from hotlora.engine.runner import AdapterInfo as EngineAdapterInfo
@@ -40,6 +41,7 @@ ERROR_CODES: dict[str, type[HotLoraError]] = {
         AdapterExists,
         CapacityExceeded,
         CheckpointError,
+        RolloutError,
         InternalError,
         EngineClosed,
         SchemaError,
@@ -239,7 +241,12 @@ def from_engine(
             **envelope,
         )
     if isinstance(request, wire.OptimStep):
-        return wire.OptimStepResult(version=result.version, grad_norm=float(result.grad_norm), **envelope)
+        return wire.OptimStepResult(
+            version=result.version,
+            grad_norm=float(result.grad_norm),
+            weight_sync_s=result.weight_sync_s,
+            **envelope,
+        )
     if isinstance(request, wire.SaveState):
         return wire.SaveStateResult(path=str(result.path), version=result.version, **envelope)
     if isinstance(request, wire.LoadState):
@@ -276,7 +283,7 @@ def result_to_engine(message: wire.ResultMessage) -> Any:
         logprobs = [torch.from_numpy(unpack_f32(data)) for data in message.logprobs]
         return ForwardBackwardOutput(message.adapter_id, list(message.losses), logprobs, message.num_tokens)
     if isinstance(message, wire.OptimStepResult):
-        return OptimStepOutput(message.adapter_id, message.version, message.grad_norm)
+        return OptimStepOutput(message.adapter_id, message.version, message.grad_norm, message.weight_sync_s)
     if isinstance(message, wire.SaveStateResult):
         return eng.SaveOutput(message.path, message.version)
     raise InvalidRequest(f"{type(message).__name__} is not a result")

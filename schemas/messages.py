@@ -211,8 +211,11 @@ class ForwardBackwardResult(Result, tag="forward_backward_result", kw_only=True,
 
 
 class OptimStepResult(Result, tag="optim_step_result", kw_only=True, frozen=True):
+    """``weight_sync_s``: seconds to export and load the new weights into the vLLM sampler (nil: native)."""
+
     version: NonNegative
     grad_norm: float
+    weight_sync_s: float | None = None
 
 
 class SaveStateResult(Result, tag="save_state_result", kw_only=True, frozen=True):
@@ -267,6 +270,7 @@ class EngineStatus(Event, tag="engine_status", kw_only=True, frozen=True):
     state: str  # "starting" | "running" | "draining" | "stopped"
     max_adapters: NonNegative = 0
     max_decode_rows: NonNegative = 0
+    sampler: str = "native"  # the rollout backend: "native" | "vllm"
     adapters: list[AdapterInfo] = msgspec.field(default_factory=list)
 
 
@@ -277,6 +281,7 @@ class Metrics(Event, tag="metrics", kw_only=True, frozen=True):
     completions at the training temperature on the held-out set of the current ``task``), ``accuracy``
     (greedy exact match on the same set), and both per task seen so far (forgetting, in continual runs).
     ``logprob_mismatch`` is the mean |sampler logprob - trainer logprob| over the step's generated tokens.
+    ``weight_sync_s`` is the step's ``optim_step`` weight sync to the sampler (nil for the native sampler).
     """
 
     experiment: str
@@ -289,6 +294,7 @@ class Metrics(Event, tag="metrics", kw_only=True, frozen=True):
     accuracy_by_task: dict[str, float] = msgspec.field(default_factory=dict)
     step_seconds: float = 0.0
     logprob_mismatch: float | None = None
+    weight_sync_s: float | None = None
     loss: float | None = None
     groups: NonNegative = 0
     skipped_groups: NonNegative = 0
