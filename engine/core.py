@@ -57,6 +57,7 @@ from hotlora.engine.scheduler import (
     TrainSlice,
     WorkItem,
     WorkKind,
+    validate_weight,
 )
 from hotlora.engine.types import (
     AdamParams,
@@ -185,10 +186,8 @@ class Engine:
         if request.request_id in self._futures:
             raise InvalidRequest(f"request_id {request.request_id!r} is already in flight")
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self.scheduler.submit(item)
+        self.scheduler.submit(item)  # the last check that may refuse: nothing after it raises
         if isinstance(request, CreateAdapter):
-            if self.rollout is not None:
-                self.rollout.check_rank(request.adapter_id, request.spec.rank)
             self.scheduler.set_weight(request.adapter_id, request.weight)
         self._requests[request.request_id] = request
         self._futures[request.request_id] = future
@@ -210,6 +209,10 @@ class Engine:
             )
         if isinstance(request, OptimStep):
             return WorkItem(rid, request.adapter_id, WorkKind.OPTIM_STEP, tokens=0)
+        if isinstance(request, CreateAdapter):
+            validate_weight(request.adapter_id, request.weight)
+            if self.rollout is not None:
+                self.rollout.check_rank(request.adapter_id, request.spec.rank)
         if isinstance(request, CreateAdapter | DeleteAdapter | SaveState | LoadState):
             return WorkItem(rid, request.adapter_id, WorkKind.CONTROL, tokens=0)
         raise InvalidRequest(f"unknown request type {type(request).__name__}")
@@ -268,7 +271,7 @@ class Engine:
             self.steps_run += 1
             done = await self._run_in_worker(self._execute, step)
             if isinstance(step, RunBarrier) and self.rollout is not None:
-                await self._sync_rollout(self._requests[step.item.request_id], done)
+                await self._sync_rollout(self._requests.get(step.item.request_id), done)
             self._finish(done)
 
     # ----- the vLLM backend (event loop) -----
@@ -296,7 +299,7 @@ class Engine:
         self._finish([(request_id, result)])
         self._wake.set()
 
-    async def _sync_rollout(self, request: Request, done: Done) -> None:
+    async def _sync_rollout(self, request: Request | None, done: Done) -> None:
         """After a barrier changed an adapter's weights: export them and publish a new vLLM version.
 
         Runs before the barrier completes, so nothing submitted after it samples the old weights. The
@@ -309,8 +312,8 @@ class Engine:
             return
         if not isinstance(request, OptimStep | CreateAdapter | LoadState):
             return
-        index, result = next((i, r) for i, (rid, r) in enumerate(done) if rid == request.request_id)
-        if isinstance(result, HotLoraError):
+        index, result = next(((i, r) for i, (rid, r) in enumerate(done) if rid == request.request_id), (-1, None))
+        if index < 0 or isinstance(result, HotLoraError):
             return
         started = time.perf_counter()
         adapter = None
@@ -320,10 +323,15 @@ class Engine:
             new = rollout.allocate(request.adapter_id, adapter.version)
             await self._run_in_worker(self.runner.save_weights, request.adapter_id, new.path)
             await rollout.publish(new)
-        except HotLoraError as err:
-            await rollout.fail(request.adapter_id, err.message)
+        except Exception as err:  # the busy loop must survive anything a sync throws
+            if isinstance(err, HotLoraError):
+                reason = err.message
+            else:
+                log.exception("weight_sync_failed", adapter_id=request.adapter_id)
+                reason = f"{type(err).__name__}: {err}"
+            await rollout.fail(request.adapter_id, reason)
             applied = f"{type(request).__name__} applied (version {adapter.version}) but " if adapter else ""
-            done[index] = (request.request_id, RolloutError(f"{applied}the weights did not reach vLLM: {err.message}"))
+            done[index] = (request.request_id, RolloutError(f"{applied}the weights did not reach vLLM: {reason}"))
             return
         if isinstance(result, OptimStepOutput):
             result.weight_sync_s = time.perf_counter() - started

@@ -285,6 +285,11 @@ class _DeficitRoundRobin:
             self.in_visit = False
 
 
+def validate_weight(adapter_id: str, weight: object) -> None:
+    if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight > 0):
+        raise InvalidRequest(f"adapter {adapter_id!r}: weight must be a finite number > 0, got {weight!r}")
+
+
 class Scheduler:
     """Decides the engine's next step from pending work; see the module docstring for the rules."""
 
@@ -323,8 +328,7 @@ class Scheduler:
 
     def set_weight(self, adapter_id: str, weight: float) -> None:
         """An adapter's share of tokens, relative to others (default 1.0); kept until ``remove_adapter``."""
-        if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight > 0):
-            raise InvalidRequest(f"adapter {adapter_id!r}: weight must be a finite number > 0, got {weight!r}")
+        validate_weight(adapter_id, weight)
         self._state(adapter_id).weight = float(weight)
 
     def complete(self, request_id: str) -> None:

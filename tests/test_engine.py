@@ -159,6 +159,21 @@ def test_save_and_load_state_through_the_engine(tiny_model_path: Path, tmp_path:
     asyncio.run(main())
 
 
+def test_a_refused_create_leaves_nothing_queued(tiny_model_path: Path) -> None:
+    """A request refused at submit must not stay in the scheduler (it would run later with no request)."""
+
+    async def main() -> None:
+        async with make_engine(tiny_model_path) as engine:
+            with pytest.raises(InvalidRequest, match="weight"):
+                await engine.create_adapter("w", LoraSpec(rank=2), weight=-1.0)
+            assert engine.scheduler.pending() == 0
+            await engine.create_adapter("w", LoraSpec(rank=2))
+            out = await engine.sample("w", [1, 2, 3], params=GREEDY)
+            assert out.adapter_version == 0
+
+    asyncio.run(main())
+
+
 def test_event_loop_stays_responsive_while_the_model_works(tiny_model_path: Path) -> None:
     """Model steps run in the worker thread: a ticker on the loop keeps ticking during a long decode."""
 

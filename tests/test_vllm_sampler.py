@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from hotlora.engine.core import Engine, EngineConfig
-from hotlora.engine.errors import InvalidRequest, UnknownAdapter
+from hotlora.engine.errors import InvalidRequest, RolloutError, UnknownAdapter
 from hotlora.engine.lora_versions import VersionTable
 from hotlora.engine.sampler import SamplingParams
 from hotlora.engine.tiny_model import TinyModelRecipe, ensure_tiny_model
@@ -284,3 +284,20 @@ def test_a_burst_of_seeded_requests_larger_than_one_prefill_budget(
 
     outputs = loop.run(all_at_once())
     assert all(len(o.sequences) == 4 for o in outputs)
+
+
+def test_an_adapter_whose_weights_cannot_reach_vllm_refuses_samples(
+    engines: tuple[LoopThread, Engine, Engine], tmp_path: Path
+) -> None:
+    """A checkpoint wider than vLLM's max_lora_rank loads into the trainer, but must never sample stale or
+    missing weights: the load fails with rollout_failed and so do samples, until a good load."""
+    loop, native, vllm = engines
+    loop.run(native.create_adapter("wide", LoraSpec(rank=32, alpha=64)))
+    loop.run(native.save_state("wide", tmp_path / "wide"))
+    with pytest.raises(RolloutError, match="max_lora_rank"):
+        loop.run(vllm.load_state("wide", tmp_path / "wide"))
+    with pytest.raises(RolloutError, match="no synced weights"):
+        loop.run(vllm.sample("wide", [1, 2, 3], 1, GREEDY))
+    random_adapter_state(native, "narrow", tmp_path / "narrow", loop, seed=5)
+    loop.run(vllm.load_state("wide", tmp_path / "narrow"))  # a good load heals it
+    assert loop.run(vllm.sample("wide", [1, 2, 3], 1, GREEDY)).adapter_version == 0
