@@ -32,7 +32,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     return demo_main(
         args.experiments, args.steps or DEMO_STEPS, args.bootstrap, args.model, args.json, args.png, args.eval_every,
-        args.seed, args.task,
+        args.seed, args.task, args.sampler,
     )  # fmt: skip
 
 
@@ -159,6 +159,12 @@ def _cmd_bench_experiments(args: argparse.Namespace) -> int:
     return bench_experiments_main(args)
 
 
+def _cmd_bench_sampler(args: argparse.Namespace) -> int:
+    from hotlora.benchmarks.sampler import main as bench_sampler_main
+
+    return bench_sampler_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hotlora", description="An always-hot engine for multi-LoRA RL.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -189,6 +195,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument(
         "--task", default=None, help="run every experiment on this task (e.g. continual) instead of the catalogue's"
+    )
+    demo.add_argument(
+        "--sampler",
+        choices=("native", "vllm", "auto"),
+        default=os.environ.get("HOTLORA_SAMPLER", "native"),
+        help="the engine's rollout backend (default native; see docs/benchmarks.md 'bench sampler')",
     )
     demo.add_argument("--in-process", action="store_true", help="SFT of two adapters in this process, no Kafka")
     demo.set_defaults(func=_cmd_demo)
@@ -260,6 +272,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_experiments_arguments(experiments)
     experiments.set_defaults(func=_cmd_bench_experiments)
+    sampler = bench_commands.add_parser(
+        "sampler", help="native vs vLLM sampler: decode tokens/s over k adapters and one RL step with weight sync"
+    )
+    from hotlora.benchmarks.sampler import add_arguments as add_sampler_arguments
+
+    add_sampler_arguments(sampler)
+    sampler.set_defaults(func=_cmd_bench_sampler)
     return parser
 
 

