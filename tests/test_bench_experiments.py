@@ -111,16 +111,15 @@ def test_bench_experiments_end_to_end(tmp_path: Path, tiny_model_path: Path, bro
     assert result["commit"] and result["machine"]["cores"] and result["n_experiments"] == 2
 
 
-def test_gpu_script_skips_cleanly_without_cuda(capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("script", ["gpu_experiments", "gpu_vllm"])
+def test_gpu_script_skips_cleanly_without_cuda(script: str, capsys: pytest.CaptureFixture[str]) -> None:
     import importlib.util
 
     import torch
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA: the skip path does not apply")
-    spec = importlib.util.spec_from_file_location(
-        "gpu_experiments", Path(__file__).parents[1] / "bench/gpu_experiments.py"
-    )
+    spec = importlib.util.spec_from_file_location(script, Path(__file__).parents[1] / f"bench/{script}.py")
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -86,6 +86,9 @@ class SamplerBenchConfig:
     learning_rate: float = 1e-3
     seed: int = 0
     quick: bool = False
+    device: str = "cpu"  # bench/gpu_vllm.py runs the same bench on "cuda"
+    dtype: str = "float32"
+    gpu_memory_utilization: float = 0.5  # vLLM's share of the GPU (ignored on CPU)
 
     @classmethod
     def quick_config(cls) -> SamplerBenchConfig:
@@ -249,10 +252,12 @@ async def started_engine(
     """An engine of ``backend`` on ``model`` with the adapter pool created; load/start/create times into ``times``."""
     from hotlora.engine.core import Engine, EngineConfig
     from hotlora.engine.types import LoraSpec
+    from hotlora.engine.vllm_sampler import VllmSettings
 
     task = progress.add_task(f"{backend}: starting the engine ({label})", total=1)
     started = time.perf_counter()
-    engine = Engine.from_pretrained(model, dtype="float32", device="cpu", config=EngineConfig(sampler=backend))
+    config = EngineConfig(sampler=backend, vllm=VllmSettings(gpu_memory_utilization=cfg.gpu_memory_utilization))
+    engine = Engine.from_pretrained(model, dtype=cfg.dtype, device=cfg.device, config=config)
     times[f"{label}_load_s"] = time.perf_counter() - started
     started = time.perf_counter()
     await engine.start()
@@ -338,7 +343,8 @@ def markdown_section(result: dict[str, Any]) -> str:
         f"- commit: `{result['commit']}`",
         f"- machine: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads), torch {m['torch']}"
         f"{', vllm ' + result['vllm_version'] if result.get('vllm_version') else ''}",
-        f"- models: decode `{result['decode_model']}`, RL `{result['model']}` (float32); LoRA rank {cfg['rank']}; "
+        f"- models: decode `{result['decode_model']}`, RL `{result['model']}` ({cfg['dtype']}, {cfg['device']}); "
+        f"LoRA rank {cfg['rank']}; "
         f"decode: per adapter "
         f"{cfg['prompts_per_adapter']} requests x n={cfg['n']}, prompt {cfg['prompt_tokens']} tokens, "
         f"max_tokens {cfg['max_tokens']}, temperature 1, median of {cfg['repeats']} rounds per k after a warm-up "
@@ -432,7 +438,7 @@ def run_bench(
         "timestamp": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "command": command,
         "commit": git_commit(),
-        "machine": machine_info(torch.device("cpu")),
+        "machine": machine_info(torch.device(cfg.device)),
         "model": model,
         "decode_model": decode_model or model,
         "config": dataclasses.asdict(cfg),
