@@ -1,11 +1,13 @@
 # hotlora: one image for the engine, the agents and `hotlora model init` (see compose.yaml).
 #
 #   docker build -t hotlora:cpu .                                  # CPU torch wheel (default)
-#   docker build -t hotlora:gpu --build-arg TORCH_INDEX_URL= .     # pip's default index: the CUDA build of torch
+#   docker build -t hotlora:gpu --build-arg TORCH_INDEX_URL= --build-arg HOTLORA_EXTRAS=vllm .   # CUDA torch + vLLM
 FROM python:3.11-slim
 
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+# Extras to install with hotlora: "vllm" adds the vLLM sampler (--sampler vllm) to a GPU image.
+ARG HOTLORA_EXTRAS=""
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -22,7 +24,7 @@ COPY hotlora ./hotlora
 COPY engine ./engine
 COPY agents ./agents
 COPY schemas ./schemas
-RUN pip install . && python -c "import torch, hotlora.engine; print('hotlora image: torch', torch.__version__)"
+RUN pip install ".${HOTLORA_EXTRAS:+[$HOTLORA_EXTRAS]}" && python -c "import torch, hotlora.engine; print('hotlora image: torch', torch.__version__)"
 
 # A non-root user. /models and /checkpoints exist in the image and belong to it, so the named volumes
 # that compose mounts there start out writable by it.

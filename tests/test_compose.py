@@ -253,10 +253,11 @@ def test_dockerfile_installs_cpu_torch_then_the_project_as_non_root() -> None:
     instructions = dockerfile_instructions()
     runs = [rest for keyword, rest in instructions if keyword == "RUN"]
     torch_at = next(i for i, run in enumerate(runs) if "torch==" in run)
-    project_at = next(i for i, run in enumerate(runs) if re.search(r"pip install \.", run))
+    project_at = next(i for i, run in enumerate(runs) if re.search(r"pip install \"?\.", run))
     assert torch_at < project_at
     args = dict(rest.split("=", 1) for keyword, rest in instructions if keyword == "ARG" and "=" in rest)
     assert args["TORCH_VERSION"] == "2.13.0" and args["TORCH_INDEX_URL"].endswith("/whl/cpu")
+    assert args["HOTLORA_EXTRAS"] == '""', "the default (CPU) image carries no vLLM"
     users = [rest for keyword, rest in instructions if keyword == "USER"]
     assert users and users[-1] not in {"root", "0"}
 
