@@ -13,6 +13,11 @@ Ordering and retries follow ``docs/protocol.md``: every request for an adapter c
 per-adapter ``seq`` (starting at 1), assigned when the request is actually sent. A timed-out request
 is re-sent with the same ``request_id`` and ``seq``; the engine answers a duplicate once, and a late
 reply to an attempt the client already gave up on finds no pending future and is dropped.
+
+Tenancy and transport: ``principal`` and ``token`` (default: ``HOTLORA_PRINCIPAL``, ``HOTLORA_TOKEN``)
+go on every request, so the adapters this client creates are refused to other principals
+(``forbidden``). Kafka TLS/SASL comes from ``security`` or the engine's ``HOTLORA_SECURITY_PROTOCOL``,
+``HOTLORA_SASL_*`` and ``HOTLORA_SSL_*`` variables (``engine.kafka_security``).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import os
 import uuid
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
@@ -35,6 +41,7 @@ from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
 from hotlora.engine import requests as eng
 from hotlora.engine.errors import HotLoraError
+from hotlora.engine.kafka_security import KafkaSecurity
 from hotlora.engine.requests import SampleOutput, SaveOutput
 from hotlora.engine.runner import AdapterInfo
 from hotlora.engine.sampler import SamplingParams
@@ -102,6 +109,10 @@ class HotLoraClient:
         retries: int = 2,
         max_in_flight: int = 64,
         reply_wait_ms: int = DEFAULT_REPLY_WAIT_MS,
+        *,
+        principal: str | None = None,
+        token: str | None = None,
+        security: KafkaSecurity | None = None,
     ) -> None:
         if request_timeout <= 0:
             raise ValueError(f"request_timeout must be > 0, got {request_timeout!r}")
@@ -120,6 +131,12 @@ class HotLoraClient:
         self.retries = retries
         self.max_in_flight = max_in_flight
         self.reply_wait_ms = reply_wait_ms
+        self.principal = os.environ.get("HOTLORA_PRINCIPAL", "") if principal is None else principal
+        self._token = os.environ.get("HOTLORA_TOKEN", "") if token is None else token
+        if self.principal and not self._token:
+            raise ValueError("a principal needs a token (HOTLORA_TOKEN): the engine refuses a principal without one")
+        # TLS/SASL kwargs for every Kafka client of this client; bad settings fail here, not at start().
+        self._security = (security or KafkaSecurity.from_env()).kafka_kwargs()
         self.stats = ClientStats()
         self._slots = asyncio.Semaphore(max_in_flight)
         self._pending: dict[str, _Pending] = {}
@@ -139,6 +156,7 @@ class HotLoraClient:
         await self._create_reply_topic()
         producer = AIOKafkaProducer(
             bootstrap_servers=self.bootstrap,
+            **self._security,
             client_id=self.client_id,
             acks="all",
             linger_ms=0,
@@ -146,6 +164,7 @@ class HotLoraClient:
         )
         consumer = AIOKafkaConsumer(
             bootstrap_servers=self.bootstrap,
+            **self._security,
             client_id=self.client_id,
             group_id=None,
             enable_auto_commit=False,
@@ -229,6 +248,16 @@ class HotLoraClient:
     async def list_adapters(self) -> list[AdapterInfo]:
         return await self.submit(eng.ListAdapters())
 
+    async def resume(self, adapter_id: str) -> AdapterInfo | None:
+        """Continue an adapter this client did not create (an agent restarted after a crash): its next
+        request takes the ``seq`` after the last one the engine accepted, so the engine neither waits for
+        nor treats as already applied requests this process never sent. None if the adapter is unknown."""
+        info = next((a for a in await self.list_adapters() if a.adapter_id == adapter_id), None)
+        if info is not None:
+            seqs = self.stats.per_adapter_seq
+            seqs[adapter_id] = max(seqs.get(adapter_id, 0), info.seq)
+        return info
+
     async def sample(
         self, adapter_id: str | None, prompt_tokens: list[int], n: int = 1, params: SamplingParams | None = None
     ) -> SampleOutput:
@@ -268,7 +297,7 @@ class HotLoraClient:
             # list_adapters and base-model sampling opt out of ordering (seq 0), as the protocol says.
             ordered = bool(adapter_id) and not isinstance(request, eng.ListAdapters)
             seq = self.stats.per_adapter_seq.get(adapter_id, 0) + 1 if ordered else 0
-            message = to_wire(request, seq=seq, reply_to=self.reply_topic)
+            message = to_wire(request, seq=seq, reply_to=self.reply_topic, principal=self.principal, token=self._token)
             if ordered:  # taken only once the message exists, so a request that fails to build leaves no gap
                 self.stats.per_adapter_seq[adapter_id] = seq
             future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
@@ -347,7 +376,9 @@ class HotLoraClient:
         entry.future.set_result(message)
 
     async def _create_reply_topic(self) -> None:
-        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, client_id=f"{self.client_id}-admin")
+        admin = AIOKafkaAdminClient(
+            bootstrap_servers=self.bootstrap, **self._security, client_id=f"{self.client_id}-admin"
+        )
         await admin.start()
         try:
             await admin.create_topics([NewTopic(self.reply_topic, num_partitions=1, replication_factor=1)])
@@ -369,6 +400,7 @@ class HotLoraClient:
         self._check_open()
         consumer = AIOKafkaConsumer(
             bootstrap_servers=self.bootstrap,
+            **self._security,
             client_id=f"{self.client_id}-events",
             group_id=None,
             fetch_max_wait_ms=max(self.reply_wait_ms, 100),  # events are rare; poll gently

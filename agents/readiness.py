@@ -11,8 +11,11 @@ from hotlora.schemas import Heartbeat, SchemaError, Topics, decode
 POLL_MS = 200
 
 
-async def wait_for_heartbeat(bootstrap: str, topic_prefix: str = "hotlora", timeout: float = 120.0) -> Heartbeat:
-    """The first engine heartbeat on ``{prefix}.metrics``; raises ``TimeoutError`` after ``timeout`` s.
+async def wait_for_heartbeat(
+    bootstrap: str, topic_prefix: str = "hotlora", timeout: float = 120.0, engine_id: str | None = None
+) -> Heartbeat:
+    """The first engine heartbeat on ``{prefix}.metrics`` (of ``engine_id``, if given: a restarted engine's);
+    raises ``TimeoutError`` after ``timeout`` s.
 
     The metrics topic exists only once an engine created it, so this polls for the topic first. It
     reads from the beginning: with a fresh prefix, any heartbeat there is this deployment's engine.
@@ -36,7 +39,7 @@ async def wait_for_heartbeat(bootstrap: str, topic_prefix: str = "hotlora", time
                             message = decode(record.value)
                         except SchemaError:
                             continue
-                        if isinstance(message, Heartbeat):
+                        if isinstance(message, Heartbeat) and engine_id in (None, message.engine_id):
                             return message
     finally:
         await consumer.stop()

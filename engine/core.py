@@ -46,7 +46,7 @@ from hotlora.engine.requests import (
     SaveState,
 )
 from hotlora.engine.runner import AdapterInfo, ModelRunner, RunnerConfig
-from hotlora.engine.sampler import NativeSampler, SampleRequest, SamplingParams
+from hotlora.engine.sampler import NativeSampler, SampleRequest, SamplingParams, validate_sample
 from hotlora.engine.scheduler import (
     DecodeSlice,
     Idle,
@@ -197,6 +197,10 @@ class Engine:
     def _work_item(self, request: Request) -> WorkItem:
         rid = request.request_id
         if isinstance(request, Sample):
+            # Validated before the scheduler sees it: an absurd max_tokens would make an absurd DRR cost.
+            base = self.runner.base
+            sample = SampleRequest(rid, request.adapter_id, request.prompt_tokens, request.n, request.params)
+            validate_sample(sample, base.vocab_size, base.max_positions, self.config.max_decode_rows)
             cost = request.n * (len(request.prompt_tokens) + request.params.max_tokens)
             adapter = request.adapter_id or "__base__"
             return WorkItem(rid, adapter, WorkKind.SAMPLE, tokens=max(cost, 1), rows=max(request.n, 1))

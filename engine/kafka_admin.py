@@ -1,21 +1,35 @@
 """Topic administration: create hotlora's topics explicitly (Kafka auto-creation picks its own partition count).
 
-Used by the engine at start and by ``hotlora topics``.
+Used by the engine at start and by ``hotlora topics``. ``security`` is the aiokafka TLS/SASL kwargs
+(``engine.kafka_security``); ``None`` reads them from the ``HOTLORA_*`` environment variables.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError, for_code
 
+from hotlora.engine.kafka_security import kafka_kwargs
 from hotlora.schemas.topics import Topics
 
 
+def _admin(bootstrap: str, security: Mapping[str, Any] | None) -> AIOKafkaAdminClient:
+    return AIOKafkaAdminClient(bootstrap_servers=bootstrap, **(kafka_kwargs() if security is None else security))
+
+
 async def create_topics(
-    bootstrap: str, names: list[str] | tuple[str, ...], partitions: int = 4, replication_factor: int = 1
+    bootstrap: str,
+    names: list[str] | tuple[str, ...],
+    partitions: int = 4,
+    replication_factor: int = 1,
+    *,
+    security: Mapping[str, Any] | None = None,
 ) -> list[str]:
     """Create the topics that do not exist yet; returns the names created (existing ones are left alone)."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    admin = _admin(bootstrap, security)
     await admin.start()
     try:
         existing = set(await admin.list_topics())
@@ -35,13 +49,22 @@ async def create_topics(
         await admin.close()
 
 
-async def ensure_topics(bootstrap: str, topics: Topics, partitions: int = 4, replication_factor: int = 1) -> list[str]:
-    return await create_topics(bootstrap, topics.all(), partitions, replication_factor)
+async def ensure_topics(
+    bootstrap: str,
+    topics: Topics,
+    partitions: int = 4,
+    replication_factor: int = 1,
+    *,
+    security: Mapping[str, Any] | None = None,
+) -> list[str]:
+    return await create_topics(bootstrap, topics.all(), partitions, replication_factor, security=security)
 
 
-async def list_topics(bootstrap: str, prefix: str | None = None) -> list[str]:
+async def list_topics(
+    bootstrap: str, prefix: str | None = None, *, security: Mapping[str, Any] | None = None
+) -> list[str]:
     """Topic names, sorted; only those under ``<prefix>.`` when a prefix is given."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    admin = _admin(bootstrap, security)
     await admin.start()
     try:
         names = await admin.list_topics()

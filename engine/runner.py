@@ -57,6 +57,7 @@ class AdapterInfo:
     targets: tuple[str, ...]
     version: int
     num_parameters: int
+    seq: int = 0  # the last request seq the engine service accepted for it (0 in process)
 
 
 class ModelRunner:

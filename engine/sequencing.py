@@ -43,6 +43,17 @@ class Sequencer(Generic[T]):
         self.gap_timeout = gap_timeout
         self._adapters: dict[str, _AdapterSeq] = {}
 
+    def resume(self, adapter_id: str, next_seq: int) -> None:
+        """A restarted engine knows the adapter's next ``seq`` from its durable state: start there."""
+        state = self._adapters.setdefault(adapter_id, _AdapterSeq())
+        if state.next is None or state.next < next_seq:
+            state.next = next_seq
+
+    def last(self, adapter_id: str) -> int:
+        """The last ``seq`` released for ``adapter_id`` (0 if none): what a restarted agent continues after."""
+        state = self._adapters.get(adapter_id)
+        return 0 if state is None or state.next is None else state.next - 1
+
     @property
     def held(self) -> int:
         return sum(sum(v is not _SKIPPED for v in s.held.values()) for s in self._adapters.values())

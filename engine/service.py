@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import re
 import signal
@@ -32,20 +33,22 @@ import msgspec
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 
 from hotlora.engine import requests as eng
 from hotlora.engine.broker import EmbeddedBroker
 from hotlora.engine.checkpoint import directory_sha256
 from hotlora.engine.core import Engine, EngineConfig, run
-from hotlora.engine.errors import HotLoraError
+from hotlora.engine.durability import DurableStore
+from hotlora.engine.errors import HotLoraError, InvalidRequest
 from hotlora.engine.kafka_admin import ensure_topics
+from hotlora.engine.ownership import Forbidden, OwnershipGate
 from hotlora.engine.runner import RunnerConfig
 from hotlora.engine.sequencing import OffsetTracker, ResultCache, Sequencer
 from hotlora.engine.service_config import ServiceConfig
 from hotlora.engine.vllm_sampler import VllmSettings
 from hotlora.schemas import messages as wire
-from hotlora.schemas.codec import decode, encode
+from hotlora.schemas.codec import decode, encode, is_topic_name, reject
 from hotlora.schemas.convert import from_engine, to_engine
 from hotlora.schemas.errors import SchemaError
 from hotlora.schemas.topics import Topics, key_for
@@ -54,6 +57,14 @@ log = structlog.get_logger("hotlora.service")
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 FETCH_TIMEOUT_MS = 200  # also how often held requests are checked for an expired gap
+
+
+# Requests that change an adapter's state: applied exactly once, across restarts too (by seq).
+MUTATING = (wire.CreateAdapter, wire.ForwardBackward, wire.OptimStep, wire.LoadState, wire.DeleteAdapter)
+# Requests after which the adapter's state is snapshotted (forward_backward's gradients are volatile:
+# the next optim_step's snapshot covers them, and until then they are re-delivered after a crash).
+SNAPSHOT_AFTER = (wire.CreateAdapter, wire.OptimStep, wire.LoadState)
+REPLY_WAIT_S = 120.0  # a snapshot waits this long for the replies it stores (they are being published)
 
 
 class _LooseSeq(msgspec.Struct):
@@ -65,6 +76,15 @@ class _LooseSeq(msgspec.Struct):
 
 _loose_seq = msgspec.msgpack.Decoder(_LooseSeq)
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def _transport_bytes(config: ServiceConfig) -> int:
+    """Fetch and produce limits: room to read (and dead-letter) a record over ``max_message_bytes``.
+
+    A record larger even than this is still fetched (a broker returns an oversize first record batch
+    whole, KIP-74) but cannot be copied to the dead letters; it is then answered and logged only.
+    """
+    return max(MAX_MESSAGE_BYTES, 2 * config.max_message_bytes + (1 << 20))
 
 
 def _salvage_seq(data: bytes | None) -> int:
@@ -98,6 +118,8 @@ class EngineService:
         self.bootstrap = config.bootstrap
         self.model = config.model or ""
         self.checkpoint_dir = Path(config.checkpoint_dir).resolve()
+        self._security = config.kafka_security().kafka_kwargs()  # TLS/SASL; bad settings fail here
+        self.owners = OwnershipGate.load(self.checkpoint_dir / "owners.json")  # adapter owners (engine.ownership)
         self.state = "starting"
         self.ready = asyncio.Event()  # set once consuming; tests and the CLI may wait on it
         self._stop = asyncio.Event()
@@ -105,6 +127,14 @@ class EngineService:
         self._offsets: OffsetTracker[TopicPartition] = OffsetTracker()
         self._results: ResultCache[str, wire.ResultMessage] = ResultCache(config.result_cache_size)
         self._inflight: dict[str, list[tuple[TopicPartition, int]]] = {}  # request_id -> records it answers
+        # Durability (engine.durability): a mutating request's offset is committed only once a current
+        # snapshot covers its seq; until then its records wait in ``_undurable``.
+        self.durable = DurableStore(self.checkpoint_dir / ".durable") if config.durable else None
+        self._durable_seq: dict[str, int] = {}  # adapter -> last seq its current snapshot covers
+        self._replies: dict[str, dict[str, tuple[int, bytes]]] = {}  # adapter -> request_id -> (seq, reply)
+        self._published: dict[tuple[str, int], asyncio.Future[None]] = {}  # (adapter, seq) -> reply sent
+        self._undurable: dict[str, list[tuple[int, list[tuple[TopicPartition, int]]]]] = {}
+        self.snapshot_seconds: list[float] = []  # each snapshot's cost, for logs and benchmarks
         self._tasks: set[asyncio.Task[Any]] = set()
         self._background: list[asyncio.Task[Any]] = []
         self._commit_wake = asyncio.Event()
@@ -139,24 +169,34 @@ class EngineService:
         if self.engine is None:
             self.engine = await asyncio.to_thread(self._load_engine)
         await self.engine.start()
+        await self._restore_durable()
         created = await ensure_topics(
-            self.bootstrap, self.topics, self.config.partitions, self.config.replication_factor
+            self.bootstrap,
+            self.topics,
+            self.config.partitions,
+            self.config.replication_factor,
+            security=self._security,
         )
         log.info("topics_ready", created=created, prefix=self.topics.prefix, partitions=self.config.partitions)
         self._producer = AIOKafkaProducer(
-            bootstrap_servers=self.bootstrap, acks="all", enable_idempotence=False, max_request_size=MAX_MESSAGE_BYTES
+            bootstrap_servers=self.bootstrap,
+            **self._security,
+            acks="all",
+            enable_idempotence=False,
+            max_request_size=_transport_bytes(self.config),
         )
         await self._producer.start()
         await self._publish_status()
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=self.bootstrap,
+            **self._security,
             group_id=self.config.consumer_group,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             session_timeout_ms=self.config.session_timeout_ms,
             heartbeat_interval_ms=self.config.heartbeat_interval_ms,
-            max_partition_fetch_bytes=MAX_MESSAGE_BYTES,
-            fetch_max_bytes=MAX_MESSAGE_BYTES,
+            max_partition_fetch_bytes=_transport_bytes(self.config),
+            fetch_max_bytes=_transport_bytes(self.config),
             # Tansu answers an empty fetch only after the full wait, not when a record arrives: with
             # aiokafka's 500 ms default every request would sit up to half a second before the engine
             # saw it. 10 ms costs a few percent of a core while idle.
@@ -240,7 +280,20 @@ class EngineService:
         self._offsets.start(partition, record.offset)
         received = wire.now_ms()
         try:
-            message = decode(record.value or b"")
+            value = record.value or b""
+            if len(value) > self.config.max_message_bytes:
+                raise reject(
+                    f"record of {len(value)} bytes exceeds max_message_bytes={self.config.max_message_bytes}", value
+                )
+            message = decode(value)
+            if not message.request_id:
+                raise SchemaError("request_id must be a non-empty string", adapter_id=message.adapter_id)
+            if message.reply_to and not is_topic_name(message.reply_to):  # answered on the shared results topic
+                raise SchemaError(
+                    f"reply_to {message.reply_to[:100]!r} is not a Kafka topic name ([A-Za-z0-9._-], 1-249 chars)",
+                    request_id=message.request_id,
+                    adapter_id=message.adapter_id,
+                )
             if not isinstance(message, wire.Request):
                 raise SchemaError(
                     f"{wire.tag_of(type(message))!r} is not a request",
@@ -262,6 +315,10 @@ class EngineService:
             log.info("duplicate_ignored", request_id=rid, adapter_id=message.adapter_id)
             self._inflight[rid].append((partition, record.offset))
             return
+        if self._refuse_foreign(message, partition, record.offset, received):
+            return
+        if self._already_durable(message, [(partition, record.offset)]):
+            return
         self._inflight[rid] = [(partition, record.offset)]
         starts = isinstance(message, wire.CreateAdapter | wire.LoadState)
         ready = self._sequencer.offer(message.adapter_id, message.seq, (message, received), time.monotonic(), starts)
@@ -269,11 +326,37 @@ class EngineService:
             log.debug("request_held", request_id=rid, adapter_id=message.adapter_id, seq=message.seq)
         self._release(ready)
 
+    def _refuse_foreign(
+        self, message: wire.RequestMessage, partition: TopicPartition, offset: int, received: int
+    ) -> bool:
+        """A request its adapter's recorded owner refuses is answered ``forbidden`` on arrival: it neither
+        waits in the sequencer nor reaches the engine. It touches none of the owner's state: not the
+        owner's seq slots (a foreign request must not make the owner's request of that seq skip or
+        wait) and not the result cache (a forged copy of the owner's ``request_id`` must not answer the
+        owner's real request with ``forbidden``)."""
+        try:
+            self.owners.precheck(message)
+        except Forbidden as err:
+            log.warning(
+                "forbidden", request_id=message.request_id, adapter_id=message.adapter_id, principal=message.principal
+            )
+            reply = from_engine(message, err, received_at_ms=received)
+            self._spawn(self._publish_result(reply, [(partition, offset)]))
+            return True
+        return False
+
     def _release(self, ready: list[tuple[wire.RequestMessage, int]]) -> None:
         # Tasks start in creation order and Engine.submit enqueues before its first await, so the
         # engine's scheduler sees these requests in exactly this (seq) order.
         for message, received in ready:
+            if self.durable is not None and message.seq and isinstance(message, MUTATING):
+                key = (message.adapter_id, message.seq)  # a snapshot after it waits for its reply
+                self._published.setdefault(key, asyncio.get_running_loop().create_future())
             self._spawn(self._execute(message, received))
+            if self.durable is not None and message.seq and isinstance(message, SNAPSHOT_AFTER):
+                # Spawned right behind the request, so the engine runs the snapshot right after it and
+                # before any later request of the adapter: the snapshot holds exactly the seqs up to it.
+                self._spawn(self._snapshot(message.adapter_id, message.seq))
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)
@@ -290,31 +373,159 @@ class EngineService:
     async def _execute(self, message: wire.RequestMessage, received_at_ms: int) -> None:
         assert self.engine is not None
         with structlog.contextvars.bound_contextvars(request_id=message.request_id, adapter_id=message.adapter_id):
-            message = self._resolve_paths(message)
             try:
-                result: Any = await self.engine.submit(to_engine(message))
+                self.owners.admit(message)  # before the first await: in seq order; Forbidden changes nothing
+                result: Any = await self.engine.submit(to_engine(self._resolve_paths(message)))
             except HotLoraError as err:
                 result = err
             except Exception as err:  # a tenant's request must never take the edge down
                 log.exception("request_crashed")
                 result = err
+            result = self.owners.settle(message, result)
+            if isinstance(message, wire.ListAdapters) and isinstance(result, list):
+                result = [dataclasses.replace(info, seq=self._sequencer.last(info.adapter_id)) for info in result]
             reply = from_engine(message, result, received_at_ms=received_at_ms)
             if isinstance(message, wire.SaveState) and isinstance(reply, wire.SaveStateResult):
                 await self._publish_checkpoint(
                     message.adapter_id, reply.path, reply.version, message.include_optimizer, message.request_id
                 )
             self._results.put(message.request_id, reply)
-            await self._publish_result(reply, self._inflight.pop(message.request_id, []))
+            answered = self._inflight.pop(message.request_id, [])
+            if self.durable is not None and message.seq and isinstance(message, MUTATING):
+                await self._publish_mutating(message, reply, answered)
+            else:
+                await self._publish_result(reply, answered)
             outcome = {"code": reply.code, "error": reply.message} if isinstance(reply, wire.Error) else {}
             log.info("request_done", type=wire.tag_of(type(message)), seq=message.seq, **outcome)
             if isinstance(reply, wire.CreateAdapterResult | wire.DeleteAdapterResult | wire.LoadStateResult):
                 await self._publish_status()
 
+    # ----- durability (engine.durability) -----
+
+    async def _restore_durable(self) -> None:
+        """Load every adapter's current snapshot into the engine and resume its seq after it."""
+        if self.durable is None:
+            return
+        assert self.engine is not None
+        for saved in await asyncio.to_thread(self.durable.load_all):
+            try:
+                await self.engine.submit(eng.LoadState(saved.adapter_id, saved.path))
+            except HotLoraError as err:
+                log.error("restore_failed", adapter_id=saved.adapter_id, path=str(saved.path), error=str(err))
+                continue
+            self._durable_seq[saved.adapter_id] = saved.seq
+            self._replies[saved.adapter_id] = dict(saved.replies)
+            self._sequencer.resume(saved.adapter_id, saved.seq + 1)
+            log.info("adapter_restored", adapter_id=saved.adapter_id, seq=saved.seq, version=saved.version)
+
+    def _already_durable(self, message: wire.RequestMessage, records: list[tuple[TopicPartition, int]]) -> bool:
+        """A mutating request a current snapshot already covers (re-delivered after a restart): answer
+        it from the stored reply, never apply it again."""
+        if not (message.seq and isinstance(message, MUTATING)):
+            return False
+        if message.seq > self._durable_seq.get(message.adapter_id, 0):
+            return False
+        stored = self._replies.get(message.adapter_id, {}).get(message.request_id)
+        if stored is not None:
+            reply = decode(stored[1])
+        else:
+            reply = wire.Error(
+                request_id=message.request_id,
+                adapter_id=message.adapter_id,
+                seq=message.seq,
+                reply_to=message.reply_to,
+                code="duplicate",
+                message=f"seq {message.seq} of adapter {message.adapter_id!r} was already applied; its reply is "
+                "no longer kept",
+            )
+        log.info("duplicate_already_durable", request_id=message.request_id, seq=message.seq, stored=bool(stored))
+        self._spawn(self._publish_result(reply, records))  # type: ignore[arg-type]
+        return True
+
+    async def _publish_mutating(
+        self, message: wire.RequestMessage, reply: wire.ResultMessage, answered: list[tuple[TopicPartition, int]]
+    ) -> None:
+        """Publish now; commit the offsets once a snapshot covers the seq (a delete: once it is forgotten)."""
+        adapter_id, seq = message.adapter_id, message.seq
+        try:
+            await self._send(self.topics.topic_for(reply), reply)
+        except KafkaError as err:  # as in _publish_result: the stored reply answers the retry
+            log.error("reply_lost", request_id=reply.request_id, error=repr(err))
+        self._replies.setdefault(adapter_id, {})[message.request_id] = (seq, encode(reply))
+        published = self._published.setdefault((adapter_id, seq), asyncio.get_running_loop().create_future())
+        if not published.done():
+            published.set_result(None)
+        if isinstance(message, wire.DeleteAdapter) and isinstance(reply, wire.DeleteAdapterResult):
+            assert self.durable is not None
+            await asyncio.to_thread(self.durable.remove, adapter_id)
+            self._forget_adapter(adapter_id)
+            self._finish(answered)
+        elif seq <= self._durable_seq.get(adapter_id, 0):
+            self._finish(answered)
+        else:
+            self._undurable.setdefault(adapter_id, []).append((seq, answered))
+
+    def _forget_adapter(self, adapter_id: str) -> None:
+        self._durable_seq.pop(adapter_id, None)
+        self._replies.pop(adapter_id, None)
+        for key in [k for k in self._published if k[0] == adapter_id]:
+            del self._published[key]
+        for _, answered in self._undurable.pop(adapter_id, []):
+            self._finish(answered)
+
+    async def _snapshot(self, adapter_id: str, seq: int) -> None:
+        """Write the adapter's state as of ``seq``, with its replies, then make it current."""
+        assert self.engine is not None and self.durable is not None
+        started = time.perf_counter()
+        path = self.durable.snapshot_path(adapter_id, seq)
+        try:
+            saved = await self.engine.submit(eng.SaveState(adapter_id, path, include_optimizer=True))
+        except HotLoraError as err:  # e.g. the create failed: no state to keep; the seq is used up anyway
+            log.info("snapshot_skipped", adapter_id=adapter_id, seq=seq, error=str(err))
+            self._settle(adapter_id, seq)
+            return
+        pending = [f for (a, s), f in self._published.items() if a == adapter_id and s <= seq]
+        if pending:
+            try:
+                await asyncio.wait_for(asyncio.shield(asyncio.gather(*pending)), REPLY_WAIT_S)
+            except TimeoutError:  # a reply that never went out: keep the state; that request answers `duplicate`
+                log.error("snapshot_reply_wait_timeout", adapter_id=adapter_id, seq=seq)
+        replies = self._replies.get(adapter_id, {})
+        try:
+            await asyncio.to_thread(self.durable.commit, adapter_id, seq, saved.version, Path(saved.path), replies)
+        except OSError as err:  # a delete of the adapter raced this snapshot and removed its directory
+            log.warning("snapshot_abandoned", adapter_id=adapter_id, seq=seq, error=str(err))
+            self._settle(adapter_id, seq)
+            return
+        self.snapshot_seconds.append(time.perf_counter() - started)
+        self._durable_seq[adapter_id] = max(seq, self._durable_seq.get(adapter_id, 0))
+        self._settle(adapter_id, seq)
+        log.debug("snapshot_written", adapter_id=adapter_id, seq=seq, seconds=self.snapshot_seconds[-1])
+
+    def _settle(self, adapter_id: str, seq: int) -> None:
+        """Everything of the adapter up to ``seq`` is durable (or had no effect): its offsets may commit."""
+        for key in [k for k in self._published if k[0] == adapter_id and k[1] <= seq]:
+            del self._published[key]
+        waiting = self._undurable.get(adapter_id, [])
+        done = [answered for s, answered in waiting if s <= seq]
+        self._undurable[adapter_id] = [(s, answered) for s, answered in waiting if s > seq]
+        for answered in done:
+            self._finish(answered)
+
     def _resolve_paths(self, message: wire.RequestMessage) -> wire.RequestMessage:
-        """Relative checkpoint paths live under ``checkpoint_dir``, so agents need not know the engine's disk."""
-        if isinstance(message, wire.SaveState | wire.LoadState) and not Path(message.path).is_absolute():
-            return msgspec.structs.replace(message, path=str(self.checkpoint_dir / message.path))
-        return message
+        """Checkpoint paths live under ``checkpoint_dir``: relative ones are taken from there, and any path
+        (absolute, or with ``..``, or through a symlink) that leaves it is refused with ``invalid_request``."""
+        if not isinstance(message, wire.SaveState | wire.LoadState):
+            return message
+        try:
+            resolved = (self.checkpoint_dir / message.path).resolve()
+        except (ValueError, OSError) as err:  # an embedded NUL byte, a symlink loop
+            raise InvalidRequest(f"checkpoint path {message.path[:200]!r} is not usable: {err}") from None
+        if resolved == self.checkpoint_dir or not resolved.is_relative_to(self.checkpoint_dir):
+            raise InvalidRequest(
+                f"checkpoint path {message.path[:200]!r} must name a directory inside the engine's checkpoint_dir"
+            )
+        return msgspec.structs.replace(message, path=str(resolved))
 
     async def _checkpoint_all(self) -> None:
         assert self.engine is not None
@@ -335,7 +546,13 @@ class EngineService:
         await self._producer.send_and_wait(topic, encode(message), key=key_for(message))
 
     async def _publish_result(self, reply: wire.ResultMessage, answered: list[tuple[TopicPartition, int]]) -> None:
-        await self._send(self.topics.topic_for(reply), reply)
+        """Publish, then let the offsets commit. A reply that cannot be sent is logged and its records still
+        finish: the agent's retry (same ``request_id``) is answered from the result cache, and one lost
+        reply must not stop every later commit on the partition."""
+        try:
+            await self._send(self.topics.topic_for(reply), reply)
+        except KafkaError as err:
+            log.error("reply_lost", request_id=reply.request_id, error=repr(err))
         self._finish(answered)
 
     def _finish(self, answered: list[tuple[TopicPartition, int]]) -> None:
@@ -347,25 +564,45 @@ class EngineService:
         self, partition: TopicPartition, record: ConsumerRecord[Any, Any], err: SchemaError, received_at_ms: int
     ) -> None:
         assert self._producer is not None
-        log.warning("bad_message", request_id=err.request_id, adapter_id=err.adapter_id, error=err.message)
+        log.warning("bad_message", request_id=err.request_id[:200], adapter_id=err.adapter_id[:200], error=err.message)
         headers = [
-            ("hotlora-error", err.message.encode()),
+            ("hotlora-error", err.message[:1000].encode()),
             ("hotlora-source", f"{partition.topic}/{partition.partition}/{record.offset}".encode()),
         ]
-        await self._producer.send_and_wait(self.topics.dead_letters, record.value, key=record.key, headers=headers)
+        try:
+            await self._reject_publish(record, err, headers, received_at_ms)
+        finally:  # a failed publish (an oversize copy, a broker error) must not hold back the commits
+            self._finish([(partition, record.offset)])
+
+    async def _reject_publish(
+        self, record: ConsumerRecord[Any, Any], err: SchemaError, headers: list[tuple[str, bytes]], received_at_ms: int
+    ) -> None:
+        assert self._producer is not None
+        value = record.value or b""
+        try:
+            try:
+                await self._producer.send_and_wait(self.topics.dead_letters, value, key=record.key, headers=headers)
+            except MessageSizeTooLargeError:  # larger than even the transport limit: keep its head
+                head = value[: self.config.max_message_bytes]
+                headers = [*headers, ("hotlora-truncated-from", str(len(value)).encode())]
+                await self._producer.send_and_wait(self.topics.dead_letters, head, key=record.key, headers=headers)
+        except KafkaError as failure:
+            log.error("dead_letter_failed", bytes=len(value), error=repr(failure))
         if err.request_id:
             reply = wire.Error(
                 request_id=err.request_id,
                 adapter_id=err.adapter_id,
                 seq=_salvage_seq(record.value),
-                reply_to=err.reply_to,
+                reply_to=err.reply_to if is_topic_name(err.reply_to) else "",  # else: the shared results topic
                 received_at_ms=received_at_ms,
                 finished_at_ms=wire.now_ms(),
                 code=err.code,
                 message=err.message,
             )
-            await self._send(self.topics.topic_for(reply), reply)
-        self._finish([(partition, record.offset)])
+            try:
+                await self._send(self.topics.topic_for(reply), reply)
+            except KafkaError as failure:
+                log.error("bad_message_reply_failed", reply_to=err.reply_to, error=repr(failure))
 
     async def _publish_checkpoint(
         self, adapter_id: str, path: str | Path, step: int, include_optimizer: bool, request_id: str

@@ -11,7 +11,10 @@ import os
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from hotlora.engine.kafka_security import KafkaSecurity
 
 
 @dataclass
@@ -36,6 +39,14 @@ class ServiceConfig:
     vllm_gpu_memory_utilization: float = 0.5
     vllm_kv_cache_bytes: int = 256 << 20
     log_level: str = "info"
+    # Kafka transport security (engine.kafka_security); agents read the same HOTLORA_* variables.
+    security_protocol: str = "PLAINTEXT"
+    sasl_mechanism: str = "PLAIN"
+    sasl_username: str | None = None
+    sasl_password: str | None = field(default=None, repr=False)
+    ssl_cafile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
     # Apache Kafka's brokers refuse sessions under 6 s by default; tests against Tansu use 2000 / 300.
     session_timeout_ms: int = 10_000
     heartbeat_interval_ms: int = 1_000
@@ -44,11 +55,21 @@ class ServiceConfig:
     seq_gap_timeout: float = 30.0
     drain_timeout: float = 120.0  # how long shutdown waits for in-flight requests
     result_cache_size: int = 4096  # recent results kept to answer retried request ids
+    # A request record larger than this is refused (bad_message + dead letter) before it is decoded.
+    max_message_bytes: int = 64 * 1024 * 1024
+    # 1: snapshot every adapter after each create/optim_step/load (crash recovery; docs/reliability.md).
+    durable: int = 1
     engine_id: str = field(default_factory=lambda: f"engine-{uuid.uuid4().hex[:8]}")
 
     @property
     def consumer_group(self) -> str:
         return self.group_id or f"{self.topic_prefix}.engine"
+
+    def kafka_security(self) -> KafkaSecurity:
+        """The validated TLS/SASL settings; raises ``ValueError`` for a bad combination."""
+        from hotlora.engine.kafka_security import KafkaSecurity
+
+        return KafkaSecurity.from_settings(self)
 
 
 # (field, flag help). The variable is HOTLORA_<FIELD in upper case>.
@@ -71,11 +92,20 @@ _FLAGS: dict[str, str] = {
     "vllm_gpu_memory_utilization": "vLLM on a GPU: its share of device memory; training gets the rest (default 0.5)",
     "vllm_kv_cache_bytes": "vLLM on CPU: KV cache size in bytes (default 268435456)",
     "log_level": "debug, info, warning, error (default info)",
+    "security_protocol": "Kafka security: PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL (default PLAINTEXT)",
+    "sasl_mechanism": "SASL mechanism: PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512 (default PLAIN)",
+    "sasl_username": "SASL user name (required by the SASL protocols)",
+    "sasl_password": "SASL password (required by the SASL protocols; prefer the variable to the flag)",
+    "ssl_cafile": "CA bundle that verifies the brokers' TLS certificates (default: the system's CAs)",
+    "ssl_certfile": "client certificate (PEM) for mutual TLS",
+    "ssl_keyfile": "client private key (PEM) for mutual TLS",
     "session_timeout_ms": "consumer group session timeout (default 10000)",
     "heartbeat_interval_ms": "consumer group heartbeat interval (default 1000)",
     "fetch_max_wait_ms": "longest wait of an empty fetch, the floor of a request's hop (default 10)",
     "seq_gap_timeout": "seconds a request waits for a missing predecessor seq (default 30)",
     "drain_timeout": "seconds shutdown waits for in-flight requests (default 120)",
+    "max_message_bytes": "largest request record accepted; larger ones get bad_message (default 67108864)",
+    "durable": "1: snapshot adapter state after every optim_step for crash recovery; 0: off (default 1)",
     "engine_id": "id in heartbeats and status events (default random)",
 }
 
@@ -116,4 +146,6 @@ def from_sources(args: argparse.Namespace | None = None, env: Mapping[str, str] 
             values[name] = _converter(name)(raw)
         except ValueError:
             raise ValueError(f"{source}={raw!r} is not a valid {name}") from None
-    return ServiceConfig(**values)
+    config = ServiceConfig(**values)
+    config.kafka_security()  # an unknown protocol or SASL without credentials fails here, at startup
+    return config

@@ -5,6 +5,7 @@ These are the in-process shapes; ``hotlora.schemas`` maps the wire messages onto
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -23,6 +24,15 @@ TARGET_PRESETS: dict[str, tuple[str, ...]] = {
     "mlp": MLP_MODULES,
     "all-linear": ATTENTION_MODULES + MLP_MODULES,
 }
+# Bounds that keep one hostile request from exhausting memory: a rank beyond this is never useful
+# (vLLM's largest is 512), and no model has more distinct LoRA target suffixes than this.
+MAX_LORA_RANK = 1024
+MAX_TARGET_MODULES = 256
+
+
+def _is_real(value: object) -> bool:
+    """A finite int or float (not a bool): what every numeric knob from the wire must be."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass(frozen=True)
@@ -35,10 +45,12 @@ class LoraSpec:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not isinstance(self.rank, int) or self.rank < 1:
-            raise InvalidRequest(f"LoRA rank must be a positive integer, got {self.rank!r}")
-        if self.alpha <= 0:
-            raise InvalidRequest(f"LoRA alpha must be positive, got {self.alpha!r}")
+        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or not 1 <= self.rank <= MAX_LORA_RANK:
+            raise InvalidRequest(f"LoRA rank must be an integer in [1, {MAX_LORA_RANK}], got {self.rank!r}")
+        if not (_is_real(self.alpha) and self.alpha > 0):
+            raise InvalidRequest(f"LoRA alpha must be a finite number > 0, got {self.alpha!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not -(2**63) <= self.seed < 2**64:
+            raise InvalidRequest(f"LoRA seed must be an integer in [-2**63, 2**64), got {self.seed!r}")
         self.target_modules()  # validate early
 
     @property
@@ -57,6 +69,10 @@ class LoraSpec:
         names = tuple(self.targets)
         if not names:
             raise InvalidRequest("an adapter needs at least one target module")
+        if len(names) > MAX_TARGET_MODULES:
+            raise InvalidRequest(f"an adapter may name at most {MAX_TARGET_MODULES} target modules, got {len(names)}")
+        if not all(isinstance(n, str) and n for n in names):
+            raise InvalidRequest("target module names must be non-empty strings")
         return names
 
 
@@ -72,6 +88,11 @@ class AdamParams:
     grad_clip_norm: float = 1.0
 
     def __post_init__(self) -> None:
+        # Every field must be finite: a NaN or inf would silently poison the adapter's weights.
+        for name in ("learning_rate", "beta1", "beta2", "eps", "weight_decay", "grad_clip_norm"):
+            value = getattr(self, name)
+            if not _is_real(value):
+                raise InvalidRequest(f"{name} must be a finite number, got {value!r}")
         if not self.learning_rate >= 0:
             raise InvalidRequest(f"learning_rate must be >= 0, got {self.learning_rate!r}")
         for name in ("beta1", "beta2"):
@@ -150,6 +171,10 @@ class Datum:
                 raise InvalidRequest(f"datum {name} has {value.numel()} entries, input_tokens has {n}")
         if self.input_tokens.min() < 0 or self.target_tokens.min() < 0:
             raise InvalidRequest("token ids must be non-negative")
+        for name in ("weights", "logprobs", "advantages"):
+            value = getattr(self, name)
+            if value is not None and not bool(torch.isfinite(value).all()):
+                raise InvalidRequest(f"datum {name} must be finite (no NaN or inf)")
 
 
 @dataclass

@@ -43,6 +43,8 @@ def _cmd_agent(args: argparse.Namespace) -> int:
 
     if not args.bootstrap:
         raise SystemExit("error: an agent needs a broker: pass --bootstrap HOST:PORT or set HOTLORA_BOOTSTRAP")
+    # HotLoraClient reads these (and the Kafka TLS/SASL variables) wherever the agent creates one.
+    os.environ.update({k: v for k, v in (("HOTLORA_PRINCIPAL", args.principal), ("HOTLORA_TOKEN", args.token)) if v})
     model = args.model or str(ensure_tiny_model(TinyModelRecipe()))
     if args.task == "sft" or (args.task is None and not args.config):
         from hotlora.agents.sft_agent import SftAgentConfig
@@ -165,6 +167,12 @@ def _cmd_bench_sampler(args: argparse.Namespace) -> int:
     return bench_sampler_main(args)
 
 
+def _cmd_bench_soak(args: argparse.Namespace) -> int:
+    from hotlora.benchmarks.soak import main as bench_soak_main
+
+    return bench_soak_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hotlora", description="An always-hot engine for multi-LoRA RL.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -226,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument("--eval-every", type=int, default=None, help="steps between held-out evals")
     agent.add_argument("--temperature", type=float, default=None)
     agent.add_argument("--max-tokens", type=int, default=None)
+    agent.add_argument("--principal", default=None, help="tenant that owns the adapter [env HOTLORA_PRINCIPAL]")
+    agent.add_argument("--token", default=None, help="the principal's secret; prefer the env [env HOTLORA_TOKEN]")
     agent.set_defaults(func=_cmd_agent)
 
     plot = commands.add_parser("plot", help="reward and accuracy curves per experiment to a PNG")
@@ -279,6 +289,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_sampler_arguments(sampler)
     sampler.set_defaults(func=_cmd_bench_sampler)
+    soak = bench_commands.add_parser(
+        "soak", help="N tenants' mixed RL loop for M minutes: the engine's RSS over time, answered requests, errors"
+    )
+    from hotlora.benchmarks.soak import add_arguments as add_soak_arguments
+
+    add_soak_arguments(soak)
+    soak.set_defaults(func=_cmd_bench_soak)
     return parser
 
 

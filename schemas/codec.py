@@ -9,6 +9,8 @@ bytes a tenant (or a fuzzer) puts on a topic.
 
 from __future__ import annotations
 
+import re
+
 import msgspec
 
 from hotlora.schemas.errors import SchemaError
@@ -40,6 +42,9 @@ _envelope_decoder = msgspec.msgpack.Decoder(_Envelope)
 _loose_decoder = msgspec.msgpack.Decoder(_LooseEnvelope)
 _decoder = msgspec.msgpack.Decoder(AnyMessage)
 
+# A legal Kafka topic name ([A-Za-z0-9._-], 1-249 characters, not "." or "..").
+_TOPIC_NAME = re.compile(r"(?!\.{1,2}$)[A-Za-z0-9._-]{1,249}")
+
 # msgspec reports most faults as DecodeError, but invalid UTF-8 in a string surfaces as
 # UnicodeDecodeError and absurdly deep nesting (even inside an ignored field) as RecursionError.
 _DECODE_FAILURES = (msgspec.DecodeError, UnicodeDecodeError, RecursionError)
@@ -69,11 +74,21 @@ def decode(data: bytes | bytearray | memoryview) -> AnyMessage:
         return _decoder.decode(data)
     except _DECODE_FAILURES as err:
         raise SchemaError(
-            f"bad {envelope.type!r} message: {err}",
+            f"bad {envelope.type[:64]!r} message: {err}",
             request_id=envelope.request_id,
             adapter_id=envelope.adapter_id,
             reply_to=envelope.reply_to,
         ) from None
+
+
+def is_topic_name(name: str) -> bool:
+    """Whether ``name`` is a legal Kafka topic name; the engine refuses any other non-empty ``reply_to``."""
+    return _TOPIC_NAME.fullmatch(name) is not None
+
+
+def reject(text: str, data: bytes | bytearray | memoryview) -> SchemaError:
+    """A ``SchemaError`` for ``data`` refused before decoding (e.g. too large), with what routing is readable."""
+    return _error(text, data)
 
 
 def _error(text: str, data: bytes | bytearray | memoryview) -> SchemaError:

@@ -23,6 +23,7 @@ from hotlora.engine.errors import (
     RolloutError,
     UnknownAdapter,
 )
+from hotlora.engine.ownership import Forbidden
 from hotlora.engine.runner import AdapterInfo as EngineAdapterInfo
 from hotlora.engine.sampler import SampledSequence as EngineSampledSequence
 from hotlora.engine.sampler import SamplingParams
@@ -45,14 +46,31 @@ ERROR_CODES: dict[str, type[HotLoraError]] = {
         InternalError,
         EngineClosed,
         SchemaError,
+        Forbidden,
     )
 }
 
 # ----- requests -----
 
+# Guards for values the engine's scheduler cannot cost safely: its fair queue works in float tokens, and a
+# sample of 2**63 max_tokens, or an adapter weight of 5e-324, stalls its busy loop for every tenant before
+# the sampler's own checks run. Far beyond any real request, so they only stop hostile ones.
+MAX_SAMPLE_TOKENS = 2**31 - 1
+ADAPTER_WEIGHT_RANGE = (1e-6, 1e6)
+
+
+def _guard(message: wire.RequestMessage) -> None:
+    if isinstance(message, wire.Sample) and message.max_tokens > MAX_SAMPLE_TOKENS:
+        raise InvalidRequest(f"max_tokens must be at most {MAX_SAMPLE_TOKENS}, got {message.max_tokens}")
+    if isinstance(message, wire.CreateAdapter):
+        low, high = ADAPTER_WEIGHT_RANGE
+        if not low <= message.weight <= high:  # also refuses NaN
+            raise InvalidRequest(f"adapter weight must lie in [{low:g}, {high:g}], got {message.weight!r}")
+
 
 def to_engine(message: wire.RequestMessage) -> eng.Request:
     """The engine request for a wire request; raises the engine's ``InvalidRequest`` for bad values."""
+    _guard(message)
     rid, adapter_id = message.request_id, message.adapter_id
     if isinstance(message, wire.CreateAdapter):
         targets = message.targets if isinstance(message.targets, str) else tuple(message.targets)
@@ -94,10 +112,18 @@ def to_engine(message: wire.RequestMessage) -> eng.Request:
 
 
 def to_wire(
-    request: eng.Request, *, seq: int = 0, reply_to: str = "", sent_at_ms: int | None = None
+    request: eng.Request,
+    *,
+    seq: int = 0,
+    reply_to: str = "",
+    sent_at_ms: int | None = None,
+    principal: str = "",
+    token: str = "",
 ) -> wire.RequestMessage:
     """The wire message for an engine request (what an agent SDK publishes)."""
     envelope: dict[str, Any] = {"request_id": request.request_id, "seq": seq, "reply_to": reply_to}
+    if principal or token:
+        envelope.update(principal=principal, token=token)
     if sent_at_ms is not None:
         envelope["sent_at_ms"] = sent_at_ms
     if isinstance(request, eng.CreateAdapter):
@@ -309,6 +335,7 @@ def _info_to_wire(info: EngineAdapterInfo) -> wire.AdapterInfo:
         targets=list(info.targets),
         version=info.version,
         num_parameters=info.num_parameters,
+        seq=info.seq,
     )
 
 
@@ -322,6 +349,7 @@ def _info_to_engine(info: wire.AdapterInfo) -> EngineAdapterInfo:
         targets=tuple(info.targets),
         version=info.version,
         num_parameters=info.num_parameters,
+        seq=info.seq,
     )
 
 

@@ -62,7 +62,15 @@ class Message(msgspec.Struct, tag_field="type", kw_only=True, frozen=True):
 
 
 class Request(Message, kw_only=True, frozen=True):
-    """Base of the eight verbs; the engine answers each with ``<verb>_result`` or ``error``."""
+    """Base of the eight verbs; the engine answers each with ``<verb>_result`` or ``error``.
+
+    ``principal`` names the tenant and ``token`` is its agent's secret: an adapter created with a
+    principal is refused (``forbidden``) to any other principal or token. Both "" = unowned (optional
+    on the wire, unlike the envelope's other fields; results never echo them).
+    """
+
+    principal: str = ""
+    token: str = ""
 
 
 class CreateAdapter(Request, tag="create_adapter", kw_only=True, frozen=True):
@@ -168,6 +176,7 @@ class AdapterInfo(msgspec.Struct, kw_only=True, frozen=True):
     targets: list[str]
     version: NonNegative
     num_parameters: NonNegative
+    seq: NonNegative = 0  # the last seq the engine accepted for it: a restarted agent continues after it
 
 
 class CreateAdapterResult(Result, tag="create_adapter_result", kw_only=True, frozen=True):

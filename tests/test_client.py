@@ -356,7 +356,7 @@ def test_through_the_engine_service(
             )
             assert (before.adapter_version, step.version, after.adapter_version) == (0, 1, 1)
             assert isinstance(fb, ForwardBackwardOutput) and fb.num_tokens > 0
-            saved = await client.save_weights_for_sampler("a", tmp_path / "sampler-a")
+            saved = await client.save_weights_for_sampler("a", tmp_path / "checkpoints" / "sampler-a")
             assert saved.version == 1
             event = await client.wait_for_checkpoint("a", min_step=1, timeout=20)
             assert event.path == saved.path and event.sha256
