@@ -20,7 +20,7 @@ from typing import Any, Protocol
 from transformers import AutoTokenizer
 
 from hotlora.agents.client import HotLoraClient
-from hotlora.agents.metrics import MetricsSink
+from hotlora.agents.metrics import MetricsSink, read_topic
 from hotlora.agents.tasks import TASKS, ContinualSchedule, render_prompt
 from hotlora.engine.requests import SampleOutput, SaveOutput
 from hotlora.engine.sampler import SamplingParams
@@ -156,6 +156,8 @@ async def run_grpo(
     encode: Callable[[Any], list[int]],  # problem -> prompt tokens
     decode: Callable[[list[int]], str],  # generated tokens -> completion text
     emit: Callable[[Metrics], Awaitable[None]],
+    start_step: int = 0,  # > 0: resume (``resume_point``); step 0's base evaluation is not repeated
+    start_version: int = 0,
 ) -> None:
     params = SamplingParams(max_tokens=cfg.max_tokens, temperature=cfg.temperature)
 
@@ -176,9 +178,10 @@ async def run_grpo(
     async def report(step: int, task: str, **fields: Any) -> None:
         await emit(Metrics(adapter_id=cfg.adapter_id, experiment=cfg.adapter_id, task=task, step=step, **fields))
 
-    version = 0
-    await report(0, schedule.task_at(0), **await evaluate(0))
-    for step in range(cfg.steps):
+    version = start_version
+    if start_step == 0:
+        await report(0, schedule.task_at(0), **await evaluate(0))
+    for step in range(start_step, cfg.steps):
         start = time.perf_counter()
         task = tasks[schedule.task_at(step)]
         problems = task.problems(step_seed(cfg, step), cfg.batch_size)
@@ -251,22 +254,45 @@ def tokenizer_codec(model: str) -> tuple[Callable[[Any], list[int]], Callable[[l
     return encode, decode
 
 
-async def run_grpo_agent(cfg: GrpoConfig, bootstrap: str, model: str, topic_prefix: str = "hotlora") -> int:
+def resume_point(reported: list[Metrics], engine_version: int) -> tuple[int, int]:
+    """(next step, adapter version) for a restarted agent, from its metrics and the engine's adapter.
+
+    Each step reports its ``version`` after at most one ``optim_step``. If the engine's adapter is
+    ahead of the last report, the agent died between that step's ``optim_step`` and its report: the
+    step is done (its metrics are lost), so it is not redone.
+    """
+    steps = [m for m in reported if m.step > 0]
+    if not steps:
+        return 0, engine_version
+    last = max(steps, key=lambda m: m.step)
+    return last.step + (1 if engine_version > last.version else 0), engine_version
+
+
+async def run_grpo_agent(
+    cfg: GrpoConfig, bootstrap: str, model: str, topic_prefix: str = "hotlora", resume: bool = False
+) -> int:
     encode, decode = tokenizer_codec(model)
     async with (
         HotLoraClient(bootstrap, topic_prefix=topic_prefix) as client,
         MetricsSink(bootstrap, topic_prefix) as sink,
     ):
-        await client.create_adapter(cfg.adapter_id, LoraSpec(rank=cfg.rank, seed=cfg.seed))
-        await run_grpo(client, cfg, make_schedule(cfg), TASKS, encode, decode, sink)
+        start_step = start_version = 0
+        info = await client.resume(cfg.adapter_id) if resume else None
+        if info is None:
+            await client.create_adapter(cfg.adapter_id, LoraSpec(rank=cfg.rank, seed=cfg.seed))
+        else:  # the engine kept the adapter (its durable snapshot): continue where the experiment stopped
+            mine = [m for m in await read_topic(bootstrap, topic_prefix) if m.experiment == cfg.adapter_id]
+            start_step, start_version = resume_point(mine, info.version)
+            print(json.dumps({"adapter": cfg.adapter_id, "resumed_at_step": start_step, "version": info.version}))
+        await run_grpo(client, cfg, make_schedule(cfg), TASKS, encode, decode, sink, start_step, start_version)
     return 0
 
 
-def main(cfg: GrpoConfig, bootstrap: str, model: str, topic_prefix: str = "hotlora") -> int:
+def main(cfg: GrpoConfig, bootstrap: str, model: str, topic_prefix: str = "hotlora", resume: bool = False) -> int:
     from hotlora.engine.core import run
 
     try:
-        return run(run_grpo_agent(cfg, bootstrap, model, topic_prefix))
+        return run(run_grpo_agent(cfg, bootstrap, model, topic_prefix, resume))
     except KeyboardInterrupt:
         return 130
     except Exception as err:  # a parent reading stdout sees this line; the traceback goes to stderr

@@ -14,6 +14,7 @@ from typing import IO
 import msgspec
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+from hotlora.engine.kafka_security import kafka_kwargs
 from hotlora.schemas import Metrics, SchemaError, Topics, decode, encode, key_for
 
 
@@ -33,7 +34,9 @@ class MetricsSink:
 
     async def __aenter__(self) -> MetricsSink:
         if self.bootstrap:
-            self._producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all", linger_ms=0)
+            self._producer = AIOKafkaProducer(
+                bootstrap_servers=self.bootstrap, acks="all", linger_ms=0, **kafka_kwargs()
+            )
             await self._producer.start()
         return self
 
@@ -63,7 +66,7 @@ def read_jsonl(path: str | Path) -> list[Metrics]:
 async def read_topic(bootstrap: str, topic_prefix: str = "hotlora") -> list[Metrics]:
     """Every ``Metrics`` on the metrics topic, from the beginning to the end offsets seen at the start."""
     topic = Topics(topic_prefix).metrics
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False, **kafka_kwargs())
     await consumer.start()
     try:
         await consumer.topics()

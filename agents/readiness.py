@@ -6,6 +6,7 @@ import asyncio
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from hotlora.engine.kafka_security import kafka_kwargs
 from hotlora.schemas import Heartbeat, SchemaError, Topics, decode
 
 POLL_MS = 200
@@ -21,7 +22,7 @@ async def wait_for_heartbeat(
     reads from the beginning: with a fresh prefix, any heartbeat there is this deployment's engine.
     """
     topic = Topics(topic_prefix).metrics
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, **kafka_kwargs())
     await consumer.start()
     try:
         async with asyncio.timeout(timeout):

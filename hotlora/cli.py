@@ -63,7 +63,7 @@ def _cmd_agent(args: argparse.Namespace) -> int:
         return sft_main(config)
     from hotlora.agents.grpo import main as grpo_main
 
-    return grpo_main(grpo_config(args), args.bootstrap, model, args.topic_prefix)
+    return grpo_main(grpo_config(args), args.bootstrap, model, args.topic_prefix, resume=args.resume)
 
 
 def grpo_config(args: argparse.Namespace) -> GrpoConfig:
@@ -218,6 +218,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--task", default=os.environ.get("HOTLORA_TASK"), help="sft, continual or a task name (default sft)"
     )
     agent.add_argument("--adapter", default=os.environ.get("HOTLORA_ADAPTER"), help="adapter id (default: hostname)")
+    agent.add_argument(
+        "--resume",
+        action="store_true",
+        default=os.environ.get("HOTLORA_RESUME") == "1",
+        help="GRPO: continue the adapter the engine still holds (after an agent crash) from the step its "
+        "metrics reached, instead of creating it [env HOTLORA_RESUME=1]",
+    )
     agent.add_argument("--bootstrap", default=os.environ.get("HOTLORA_BOOTSTRAP"), help="Kafka HOST:PORT")
     agent.add_argument("--model", default=os.environ.get("HOTLORA_MODEL"), help="base model dir (its tokenizer)")
     agent.add_argument("--topic-prefix", default=os.environ.get("HOTLORA_TOPIC_PREFIX", "hotlora"))
