@@ -394,7 +394,10 @@ class Engine:
     def _run_barrier(self, request: Request) -> Any:
         try:
             if isinstance(request, OptimStep):
-                return self.runner.optim_step(request.adapter_id, request.params)
+                out = self.runner.optim_step(request.adapter_id, request.params)
+                if request.capture_state:
+                    out.state = self.runner.capture_state(request.adapter_id)
+                return out
             if isinstance(request, CreateAdapter):
                 self.runner.create_adapter(request.adapter_id, request.spec)
                 return self._info(request.adapter_id)

@@ -31,7 +31,7 @@ from pathlib import Path
 DURABLE_FILE = "durable.json"
 CURRENT_FILE = "CURRENT"
 FORMAT = "hotlora-durable"
-MAX_REPLIES = 64  # stored replies per adapter: enough for the requests any crash can re-deliver
+MAX_REPLIES = 16  # stored replies per adapter: a crash re-delivers only what the last snapshots left uncommitted
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 
 

@@ -72,6 +72,9 @@ class OptimStep:
     adapter_id: str
     params: AdamParams = field(default_factory=AdamParams)
     request_id: str = field(default_factory=new_request_id)
+    # Also return a copy of the adapter's whole training state as of this step (``OptimStepOutput.state``),
+    # taken in the same engine step: what the service's durable snapshot writes, off the model thread.
+    capture_state: bool = False
 
 
 @dataclass

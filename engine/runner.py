@@ -232,21 +232,34 @@ class ModelRunner:
 
         Reads the tensors wherever they live, device or host: saving never evicts another adapter.
         """
+        loaded = self._state_of(adapter_id, include_optimizer, copy=False)
+        return save_checkpoint(path, adapter_id, loaded, self.base.path, include_state=include_optimizer)
+
+    def capture_state(self, adapter_id: str) -> LoadedAdapter:
+        """A host copy of the adapter's whole training state, to be written later by another thread."""
+        return self._state_of(adapter_id, include_optimizer=True, copy=True)
+
+    def _state_of(self, adapter_id: str, include_optimizer: bool, copy: bool) -> LoadedAdapter:
         adapter = self.adapters.get(adapter_id)
+
+        def take(tensor: torch.Tensor) -> torch.Tensor:
+            # The next optim_step updates the live tensors in place: a capture must own its memory.
+            return tensor.detach().to("cpu", copy=True) if copy else tensor
+
         moments = None
         if include_optimizer:
             raw = adapter.optimizer.moments()
             keys = ordered_parameter_keys(adapter.pairs)
-            moments = dict(zip(keys, raw, strict=True)) if raw is not None else None
-        loaded = LoadedAdapter(
+            if raw is not None:
+                moments = {k: (take(m), take(v), step) for k, (m, v, step) in zip(keys, raw, strict=True)}
+        return LoadedAdapter(
             spec=adapter.spec,
-            weights={name: (pair.A, pair.B) for name, pair in adapter.pairs.items()},
+            weights={name: (take(pair.A), take(pair.B)) for name, pair in adapter.pairs.items()},
             version=adapter.version,
             moments=moments,
             rng_state=adapter.generator.get_state() if include_optimizer else None,
             adam_params=adapter.optimizer.last_params,
         )
-        return save_checkpoint(path, adapter_id, loaded, self.base.path, include_state=include_optimizer)
 
     def save_weights(self, adapter_id: str, path: str | Path) -> Path:
         """Weights only, in PEFT format: what a sampler or ``PeftModel.from_pretrained`` needs."""

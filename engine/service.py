@@ -37,15 +37,16 @@ from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 
 from hotlora.engine import requests as eng
 from hotlora.engine.broker import EmbeddedBroker
-from hotlora.engine.checkpoint import directory_sha256
+from hotlora.engine.checkpoint import directory_sha256, save_checkpoint
 from hotlora.engine.core import Engine, EngineConfig, run
-from hotlora.engine.durability import DurableStore
+from hotlora.engine.durability import MAX_REPLIES, DurableStore
 from hotlora.engine.errors import HotLoraError, InvalidRequest
 from hotlora.engine.kafka_admin import ensure_topics
 from hotlora.engine.ownership import Forbidden, OwnershipGate
 from hotlora.engine.runner import RunnerConfig
 from hotlora.engine.sequencing import OffsetTracker, ResultCache, Sequencer
 from hotlora.engine.service_config import ServiceConfig
+from hotlora.engine.types import OptimStepOutput
 from hotlora.engine.vllm_sampler import VllmSettings
 from hotlora.schemas import messages as wire
 from hotlora.schemas.codec import decode, encode, is_topic_name, reject
@@ -61,9 +62,10 @@ FETCH_TIMEOUT_MS = 200  # also how often held requests are checked for an expire
 
 # Requests that change an adapter's state: applied exactly once, across restarts too (by seq).
 MUTATING = (wire.CreateAdapter, wire.ForwardBackward, wire.OptimStep, wire.LoadState, wire.DeleteAdapter)
-# Requests after which the adapter's state is snapshotted (forward_backward's gradients are volatile:
-# the next optim_step's snapshot covers them, and until then they are re-delivered after a crash).
-SNAPSHOT_AFTER = (wire.CreateAdapter, wire.OptimStep, wire.LoadState)
+# Requests after which the engine snapshots the adapter with a save barrier. An optim_step's snapshot is
+# captured in its own engine step instead (``capture_state``). forward_backward's gradients are volatile:
+# the next optim_step's snapshot covers them, and until then they are re-delivered after a crash.
+SNAPSHOT_AFTER = (wire.CreateAdapter, wire.LoadState)
 REPLY_WAIT_S = 120.0  # a snapshot waits this long for the replies it stores (they are being published)
 
 
@@ -135,6 +137,7 @@ class EngineService:
         self._published: dict[tuple[str, int], asyncio.Future[None]] = {}  # (adapter, seq) -> reply sent
         self._undurable: dict[str, list[tuple[int, list[tuple[TopicPartition, int]]]]] = {}
         self.snapshot_seconds: list[float] = []  # each snapshot's cost, for logs and benchmarks
+        self._snapshot_locks: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._background: list[asyncio.Task[Any]] = []
         self._commit_wake = asyncio.Event()
@@ -375,13 +378,19 @@ class EngineService:
         with structlog.contextvars.bound_contextvars(request_id=message.request_id, adapter_id=message.adapter_id):
             try:
                 self.owners.admit(message)  # before the first await: in seq order; Forbidden changes nothing
-                result: Any = await self.engine.submit(to_engine(self._resolve_paths(message)))
+                request = to_engine(self._resolve_paths(message))
+                if isinstance(request, eng.OptimStep) and self.durable is not None and message.seq:
+                    request.capture_state = True  # the durable snapshot, taken in the optim_step's own engine step
+                result: Any = await self.engine.submit(request)
             except HotLoraError as err:
                 result = err
             except Exception as err:  # a tenant's request must never take the edge down
                 log.exception("request_crashed")
                 result = err
             result = self.owners.settle(message, result)
+            if isinstance(result, OptimStepOutput) and result.state is not None:
+                self._spawn(self._persist(message.adapter_id, message.seq, result.state))
+                result.state = None
             if isinstance(message, wire.ListAdapters) and isinstance(result, list):
                 result = [dataclasses.replace(info, seq=self._sequencer.last(info.adapter_id)) for info in result]
             reply = from_engine(message, result, received_at_ms=received_at_ms)
@@ -451,13 +460,18 @@ class EngineService:
             await self._send(self.topics.topic_for(reply), reply)
         except KafkaError as err:  # as in _publish_result: the stored reply answers the retry
             log.error("reply_lost", request_id=reply.request_id, error=repr(err))
-        self._replies.setdefault(adapter_id, {})[message.request_id] = (seq, encode(reply))
+        replies = self._replies.setdefault(adapter_id, {})
+        replies[message.request_id] = (seq, encode(reply))
+        if len(replies) > 2 * MAX_REPLIES:  # bounded: only the newest can still be re-delivered
+            kept = sorted(replies.items(), key=lambda item: item[1][0])[-MAX_REPLIES:]
+            self._replies[adapter_id] = dict(kept)
         published = self._published.setdefault((adapter_id, seq), asyncio.get_running_loop().create_future())
         if not published.done():
             published.set_result(None)
         if isinstance(message, wire.DeleteAdapter) and isinstance(reply, wire.DeleteAdapterResult):
             assert self.durable is not None
-            await asyncio.to_thread(self.durable.remove, adapter_id)
+            async with self._snapshot_lock(adapter_id):  # after the snapshots of earlier steps, never before
+                await asyncio.to_thread(self.durable.remove, adapter_id)
             self._forget_adapter(adapter_id)
             self._finish(answered)
         elif seq <= self._durable_seq.get(adapter_id, 0):
@@ -473,17 +487,43 @@ class EngineService:
         for _, answered in self._undurable.pop(adapter_id, []):
             self._finish(answered)
 
-    async def _snapshot(self, adapter_id: str, seq: int) -> None:
-        """Write the adapter's state as of ``seq``, with its replies, then make it current."""
+    async def _persist(self, adapter_id: str, seq: int, state: Any) -> None:
+        """Write an optim_step's captured state as the adapter's snapshot at ``seq`` (file I/O in a thread)."""
         assert self.engine is not None and self.durable is not None
         started = time.perf_counter()
         path = self.durable.snapshot_path(adapter_id, seq)
-        try:
-            saved = await self.engine.submit(eng.SaveState(adapter_id, path, include_optimizer=True))
-        except HotLoraError as err:  # e.g. the create failed: no state to keep; the seq is used up anyway
-            log.info("snapshot_skipped", adapter_id=adapter_id, seq=seq, error=str(err))
-            self._settle(adapter_id, seq)
-            return
+        base = self.engine.runner.base.path
+        async with self._snapshot_lock(adapter_id):
+            if seq <= self._durable_seq.get(adapter_id, 0):
+                return
+            try:
+                await asyncio.to_thread(save_checkpoint, path, adapter_id, state, base)
+            except OSError as err:
+                log.error("snapshot_failed", adapter_id=adapter_id, seq=seq, error=str(err))
+                return
+            await self._commit_snapshot(adapter_id, seq, state.version, path, started)
+
+    def _snapshot_lock(self, adapter_id: str) -> asyncio.Lock:
+        """One snapshot of an adapter at a time, in seq order: a later one never loses to an earlier one."""
+        return self._snapshot_locks.setdefault(adapter_id, asyncio.Lock())
+
+    async def _snapshot(self, adapter_id: str, seq: int) -> None:
+        """Write the adapter's state as of ``seq`` through a save barrier (after create and load)."""
+        assert self.engine is not None and self.durable is not None
+        started = time.perf_counter()
+        path = self.durable.snapshot_path(adapter_id, seq)
+        async with self._snapshot_lock(adapter_id):
+            try:
+                saved = await self.engine.submit(eng.SaveState(adapter_id, path, include_optimizer=True))
+            except HotLoraError as err:  # e.g. the create failed: no state to keep; the seq is used up anyway
+                log.info("snapshot_skipped", adapter_id=adapter_id, seq=seq, error=str(err))
+                self._settle(adapter_id, seq)
+                return
+            await self._commit_snapshot(adapter_id, seq, saved.version, Path(saved.path), started)
+
+    async def _commit_snapshot(self, adapter_id: str, seq: int, version: int, path: Path, started: float) -> None:
+        """Wait for the replies the snapshot stores, make it current, and let its offsets commit."""
+        assert self.durable is not None
         pending = [f for (a, s), f in self._published.items() if a == adapter_id and s <= seq]
         if pending:
             try:
@@ -492,7 +532,7 @@ class EngineService:
                 log.error("snapshot_reply_wait_timeout", adapter_id=adapter_id, seq=seq)
         replies = self._replies.get(adapter_id, {})
         try:
-            await asyncio.to_thread(self.durable.commit, adapter_id, seq, saved.version, Path(saved.path), replies)
+            await asyncio.to_thread(self.durable.commit, adapter_id, seq, version, path, replies)
         except OSError as err:  # a delete of the adapter raced this snapshot and removed its directory
             log.warning("snapshot_abandoned", adapter_id=adapter_id, seq=seq, error=str(err))
             self._settle(adapter_id, seq)

@@ -215,3 +215,5 @@ class OptimStepOutput:
     # Seconds to export the new weights and load them into a sampler that holds its own copy (vLLM);
     # None for the native sampler, which reads the live tensors.
     weight_sync_s: float | None = None
+    # ``OptimStep(capture_state=True)`` only: an ``engine.checkpoint.LoadedAdapter`` copy of the state.
+    state: object | None = field(default=None, repr=False)
