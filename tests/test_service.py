@@ -7,7 +7,6 @@ Every wait is bounded and fails loudly; readiness and progress are awaited as ev
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 import os
 import signal
@@ -48,7 +47,7 @@ from hotlora.schemas import (
     key_for,
     pack_i32,
 )
-from tests.helpers import service_config_for_tests, start_engine_service
+from tests.helpers import service_config_for_tests, start_engine_service, wait_until
 
 pytestmark = pytest.mark.timeout(240)
 WAIT_S = 60.0  # generous: two shared cores; a healthy run takes a fraction of it
@@ -154,18 +153,7 @@ class Agent:
         return await self.producer.send_and_wait(topic or self.topics.topic_for(message), value, key=key_for(message))
 
     async def until(self, what: str, predicate: Callable[[], Any], timeout: float = WAIT_S) -> Any:
-        deadline = time.monotonic() + timeout
-        while True:
-            self._changed.clear()
-            found = predicate()
-            if found:
-                return found
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-            # Re-check at least every 0.2 s: some conditions (held requests) are not messages.
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), min(left, 0.2))
+        return await wait_until(what, predicate, self._changed, timeout)
 
     def replies(self, request_id: str) -> list[Any]:
         return [m for t, m in self.seen if t == self.reply_to and m.request_id == request_id]
