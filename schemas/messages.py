@@ -269,6 +269,14 @@ class Heartbeat(Event, tag="heartbeat", kw_only=True, frozen=True):
     steps: NonNegative = 0
     queued_requests: NonNegative = 0
     running_rows: NonNegative = 0
+    # Capacity and placement (scale-out, docs/scale-out.md): how many adapters fit on the device at
+    # once, how many are there now, and which adapters (and request-topic partitions) this engine owns.
+    resident_slots: NonNegative = 0
+    resident_adapters: NonNegative = 0
+    max_decode_rows: NonNegative = 0
+    state: str = "running"
+    adapters: list[str] = msgspec.field(default_factory=list)
+    partitions: list[int] = msgspec.field(default_factory=list)
 
 
 class EngineStatus(Event, tag="engine_status", kw_only=True, frozen=True):
