@@ -245,14 +245,17 @@ class HotLoraClient:
     async def delete_adapter(self, adapter_id: str) -> None:
         await self.submit(eng.DeleteAdapter(adapter_id))
 
-    async def list_adapters(self) -> list[AdapterInfo]:
-        return await self.submit(eng.ListAdapters())
+    async def list_adapters(self, adapter_id: str = "") -> list[AdapterInfo]:
+        """The adapters of one engine. With several engines (``docs/scale-out.md``) that is the engine
+        owning ``adapter_id``'s partition if given, else the one owning a random partition; the heartbeats
+        (``hotlora status``) list every engine's."""
+        return await self.submit(eng.ListAdapters(adapter_id=adapter_id))
 
     async def resume(self, adapter_id: str) -> AdapterInfo | None:
         """Continue an adapter this client did not create (an agent restarted after a crash): its next
         request takes the ``seq`` after the last one the engine accepted, so the engine neither waits for
         nor treats as already applied requests this process never sent. None if the adapter is unknown."""
-        info = next((a for a in await self.list_adapters() if a.adapter_id == adapter_id), None)
+        info = next((a for a in await self.list_adapters(adapter_id) if a.adapter_id == adapter_id), None)
         if info is not None:
             seqs = self.stats.per_adapter_seq
             seqs[adapter_id] = max(seqs.get(adapter_id, 0), info.seq)

@@ -2,7 +2,7 @@
 
 Writers: ``MetricsSink`` (stdout, plus Kafka when given a broker). Readers, for ``hotlora plot``:
 ``read_jsonl`` (an agent's stdout saved to a file) and ``read_topic`` (the metrics topic from its
-beginning up to its end at call time).
+beginning up to its end at call time); ``read_events`` also returns the engines' heartbeats.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import msgspec
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from hotlora.engine.kafka_security import kafka_kwargs
-from hotlora.schemas import Metrics, SchemaError, Topics, decode, encode, key_for
+from hotlora.schemas import Message, Metrics, SchemaError, Topics, decode, encode, key_for
 
 
 def to_json_line(metrics: Metrics) -> str:
@@ -65,6 +65,13 @@ def read_jsonl(path: str | Path) -> list[Metrics]:
 
 async def read_topic(bootstrap: str, topic_prefix: str = "hotlora") -> list[Metrics]:
     """Every ``Metrics`` on the metrics topic, from the beginning to the end offsets seen at the start."""
+    return [m for m in await read_events(bootstrap, topic_prefix) if isinstance(m, Metrics)]
+
+
+async def read_events(bootstrap: str, topic_prefix: str = "hotlora", since_ms: int | None = None) -> list[Message]:
+    """Every message on the metrics topic (agents' ``Metrics``, engines' heartbeats and status) up to the
+    end offsets seen at the start; ``since_ms`` starts at the first record the broker stored at or after
+    that time (arrival time), else at the beginning. Undecodable records are skipped."""
     topic = Topics(topic_prefix).metrics
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False, **kafka_kwargs())
     await consumer.start()
@@ -76,16 +83,17 @@ async def read_topic(bootstrap: str, topic_prefix: str = "hotlora") -> list[Metr
         consumer.assign(partitions)
         await consumer.seek_to_beginning(*partitions)
         ends = await consumer.end_offsets(partitions)
-        found: list[Metrics] = []
+        if since_ms is not None:
+            for tp, found_at in (await consumer.offsets_for_times({tp: since_ms for tp in partitions})).items():
+                consumer.seek(tp, found_at.offset if found_at is not None else ends[tp])
+        found: list[Message] = []
         while [tp for tp in partitions if await consumer.position(tp) < ends[tp]]:
             for records in (await consumer.getmany(timeout_ms=500)).values():
                 for record in records:
                     try:
-                        message = decode(record.value or b"")
+                        found.append(decode(record.value or b""))
                     except SchemaError:
                         continue
-                    if isinstance(message, Metrics):  # heartbeats and engine status share the topic
-                        found.append(message)
         return found
     finally:
         await consumer.stop()

@@ -27,7 +27,7 @@ from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import structlog
 
@@ -69,8 +69,12 @@ from hotlora.engine.types import (
 )
 from hotlora.engine.vllm_sampler import VllmSampler, VllmSettings, resolve_sampler
 
+if TYPE_CHECKING:
+    from hotlora.engine.observability import EngineMetrics
+
 log = structlog.get_logger("hotlora.engine")
 T = TypeVar("T")
+BASE_ADAPTER = "__base__"  # the scheduler's name for samples of the plain base model
 
 
 class InternalError(HotLoraError):
@@ -98,9 +102,15 @@ Done = list[tuple[str, Any]]  # (request_id, result or HotLoraError)
 class Engine:
     """One hot base model, many adapters; see the module docstring for the threading model."""
 
-    def __init__(self, runner: ModelRunner, config: EngineConfig | None = None) -> None:
+    def __init__(
+        self, runner: ModelRunner, config: EngineConfig | None = None, metrics: EngineMetrics | None = None
+    ) -> None:
         self.config = config or EngineConfig()
         self.runner = runner
+        # Prometheus metrics (engine.observability), fed once per step; None costs nothing.
+        self.metrics = metrics
+        if metrics is not None:
+            runner.micro_batch_hook = metrics.observe_micro_batch
         self.sampler_name = resolve_sampler(self.config.sampler)
         self.sampler: NativeSampler | None = None
         self.rollout: VllmSampler | None = None
@@ -133,10 +143,16 @@ class Engine:
 
     @classmethod
     def from_pretrained(
-        cls, path: str | Path, dtype: str = "auto", device: str = "auto", config: EngineConfig | None = None
+        cls,
+        path: str | Path,
+        dtype: str = "auto",
+        device: str = "auto",
+        config: EngineConfig | None = None,
+        metrics: EngineMetrics | None = None,
     ) -> Engine:
         config = config or EngineConfig()
-        return cls(ModelRunner.from_pretrained(path, dtype=dtype, device=device, config=config.runner), config)
+        runner = ModelRunner.from_pretrained(path, dtype=dtype, device=device, config=config.runner)
+        return cls(runner, config, metrics)
 
     # ----- lifecycle -----
 
@@ -202,7 +218,7 @@ class Engine:
             sample = SampleRequest(rid, request.adapter_id, request.prompt_tokens, request.n, request.params)
             validate_sample(sample, base.vocab_size, base.max_positions, self.config.max_decode_rows)
             cost = request.n * (len(request.prompt_tokens) + request.params.max_tokens)
-            adapter = request.adapter_id or "__base__"
+            adapter = request.adapter_id or BASE_ADAPTER
             return WorkItem(rid, adapter, WorkKind.SAMPLE, tokens=max(cost, 1), rows=max(request.n, 1))
         if isinstance(request, ForwardBackward):
             if not request.datums:
@@ -268,15 +284,30 @@ class Engine:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
+            metrics = self.metrics
+            if metrics is not None:
+                metrics.step_started(step, self._decode_batch(step))
             if isinstance(step, DecodeSlice) and self.rollout is not None:
                 for item in step.admit:
                     self._start_rollout(item.request_id)
                 continue
             self.steps_run += 1
+            started = time.perf_counter()
             done = await self._run_in_worker(self._execute, step)
+            if metrics is not None:
+                metrics.step_finished(step, time.perf_counter() - started, self.runner.adapters)
             if isinstance(step, RunBarrier) and self.rollout is not None:
                 await self._sync_rollout(self._requests.get(step.item.request_id), done)
             self._finish(done)
+
+    def _decode_batch(self, step: Step) -> tuple[int, int] | None:
+        """(rows, LoRA adapters) of the decode slice about to run, for metrics: the running rows plus
+        the admitted ones, which join at its first decode step. None when vLLM does the batching."""
+        if not isinstance(step, DecodeSlice) or self.sampler is None:
+            return None
+        adapters = self.sampler.active_adapters() | {item.adapter_id for item in step.admit}
+        adapters.discard(BASE_ADAPTER)
+        return self.sampler.num_running_rows() + step.rows, len(adapters)
 
     # ----- the vLLM backend (event loop) -----
 

@@ -27,6 +27,7 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 DURABLE_FILE = "durable.json"
 CURRENT_FILE = "CURRENT"
@@ -52,8 +53,31 @@ def adapter_dir_name(adapter_id: str) -> str:
     return f"{_UNSAFE.sub('_', adapter_id)[:80]}-{digest}"
 
 
+class SnapshotStore(Protocol):
+    """What the engine service needs from a checkpoint store; blocking calls, made from a thread.
+
+    Several engines share one store (scale-out, ``docs/scale-out.md``): an adapter is served by one
+    engine at a time, so only its current owner writes its entries, and a new owner reads them when
+    the consumer group hands it the adapter. ``DurableStore`` keeps them in a directory (local disk, a
+    compose volume, a network filesystem); an object store would implement the same five calls, with
+    ``snapshot_path`` a local staging directory that ``commit`` uploads.
+    """
+
+    def snapshot_path(self, adapter_id: str, seq: int) -> Path: ...
+
+    def commit(
+        self, adapter_id: str, seq: int, version: int, snapshot: Path, replies: dict[str, tuple[int, bytes]]
+    ) -> None: ...
+
+    def advance(self, adapter_id: str, seq: int) -> bool: ...
+
+    def remove(self, adapter_id: str) -> None: ...
+
+    def load_all(self) -> list[DurableAdapter]: ...
+
+
 class DurableStore:
-    """Snapshots under ``root``; see the module docstring. Blocking I/O: call it from a thread."""
+    """Snapshots in a directory tree under ``root``; see the module docstring. Blocking I/O."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -84,6 +108,17 @@ class DurableStore:
             if old.is_dir() and old.name != snapshot.name:
                 shutil.rmtree(old, ignore_errors=True)
 
+    def advance(self, adapter_id: str, seq: int) -> bool:
+        """The current snapshot also covers ``seq``: every request up to it since the snapshot changed
+        no state (samples, saves). Rewrites ``durable.json`` only; False if there is no snapshot."""
+        current = self._current(self.root / adapter_dir_name(adapter_id))
+        if current is None or seq <= current.seq:
+            return current is not None
+        meta = json.loads((current.path / DURABLE_FILE).read_text())
+        meta["seq"] = seq
+        _write_atomic(current.path / DURABLE_FILE, json.dumps(meta).encode())
+        return True
+
     def remove(self, adapter_id: str) -> None:
         """The adapter was deleted: a restart must not bring it back."""
         shutil.rmtree(self.root / adapter_dir_name(adapter_id), ignore_errors=True)
@@ -94,19 +129,21 @@ class DurableStore:
         if not self.root.is_dir():
             return found
         for adapter_dir in sorted(self.root.iterdir()):
-            current = adapter_dir / CURRENT_FILE
-            if not current.is_file():
-                continue
-            snapshot = adapter_dir / current.read_text().strip()
-            try:
-                meta = json.loads((snapshot / DURABLE_FILE).read_text())
-            except (OSError, ValueError):
-                continue
-            if meta.get("format") != FORMAT:
-                continue
-            replies = {rid: (int(s), base64.b64decode(data)) for rid, (s, data) in meta["replies"].items()}
-            found.append(DurableAdapter(meta["adapter_id"], int(meta["seq"]), int(meta["version"]), snapshot, replies))
+            if (current := self._current(adapter_dir)) is not None:
+                found.append(current)
         return found
+
+    @staticmethod
+    def _current(adapter_dir: Path) -> DurableAdapter | None:
+        try:
+            snapshot = adapter_dir / (adapter_dir / CURRENT_FILE).read_text().strip()
+            meta = json.loads((snapshot / DURABLE_FILE).read_text())
+        except (OSError, ValueError):  # no CURRENT yet, or a directory the store does not own
+            return None
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            return None
+        replies = {rid: (int(s), base64.b64decode(data)) for rid, (s, data) in meta["replies"].items()}
+        return DurableAdapter(meta["adapter_id"], int(meta["seq"]), int(meta["version"]), snapshot, replies)
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

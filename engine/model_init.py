@@ -5,9 +5,10 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
 from hotlora.engine.errors import InvalidRequest
+from hotlora.engine.progress import progress_bar
 from hotlora.engine.tiny_model import COMPLETE_MARKER, TinyModelRecipe, default_cache_root, ensure_tiny_model
 
 DEFAULT_PRETRAIN_STEPS = 1500
@@ -37,13 +38,13 @@ def init_model(
     if out_dir.exists() and any(out_dir.iterdir()) and not force:
         raise SystemExit(f"error: {out_dir} exists and is not empty (use --force to overwrite)")
     recipe = recipe_for(pretrain, seed, steps)
-    with Progress(
+    with progress_bar(
         TextColumn("pretraining"),
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("loss {task.fields[loss]:.3f}"),
         TimeRemainingColumn(),
-        transient=False,
+        transient=False,  # the finished bar (steps, final loss) is the record of the build
     ) as progress:
         task = progress.add_task("pretrain", total=max(recipe.pretrain_steps, 1), loss=float("nan"), visible=False)
 
@@ -63,6 +64,7 @@ def rl_base_model(progress: bool = True) -> str:
     cached = default_cache_root() / recipe.cache_key() / COMPLETE_MARKER
     if not progress or cached.is_file():
         return str(ensure_tiny_model(recipe))
-    with Progress(TextColumn("pretraining the RL base (once)"), BarColumn(), MofNCompleteColumn()) as bar:
+    columns = (TextColumn("pretraining the RL base (once)"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with progress_bar(*columns) as bar:
         task = bar.add_task("pretrain", total=max(recipe.pretrain_steps, 1))
         return str(ensure_tiny_model(recipe, progress=lambda step, total, loss: bar.update(task, completed=step)))

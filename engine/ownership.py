@@ -11,8 +11,11 @@ before it reaches the engine.
   adapter, compared in constant time. The raw token is never stored or logged. Tokens should be random
   high-entropy secrets (``secrets.token_urlsafe(32)``); a fast hash is then as good as a slow one.
 - An adapter created without a principal is *unowned*: every request may use it, as before this module.
-- ``OwnerRegistry`` is pure (no I/O) except ``load`` / ``save``, which keep it as JSON, written to a
-  temporary file then renamed over the old one, so a crash leaves the old or the new file, never half.
+- ``OwnerRegistry`` is pure (no I/O) except ``load`` / ``save`` / ``reload``, which keep one JSON file
+  per adapter under ``<checkpoint_dir>/owners/``, each written to a temporary file then renamed over the
+  old one, so a crash leaves the old or the new record, never half. One file per adapter is what lets
+  several engines share a checkpoint directory (scale-out): only an adapter's current engine writes
+  its record, and an engine that takes an adapter over re-reads it (``reload``).
 """
 
 from __future__ import annotations
@@ -23,12 +26,14 @@ import hmac
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import structlog
 
+from hotlora.engine.durability import adapter_dir_name
 from hotlora.engine.errors import HotLoraError
 from hotlora.schemas import messages as wire
 
@@ -131,49 +136,76 @@ class OwnerRegistry:
 
     # ----- persistence -----
 
-    def to_json(self) -> str:
-        owners = {
-            adapter_id: {"principal": o.principal, "salt": o.salt, "digest": o.digest}
-            for adapter_id, o in sorted(self.owners.items())
-        }
-        return json.dumps({"version": FORMAT_VERSION, "scheme": SCHEME, "owners": owners}, indent=1)
+    @staticmethod
+    def record_json(adapter_id: str, owner: Owner) -> str:
+        record = {"version": FORMAT_VERSION, "scheme": SCHEME, "adapter_id": adapter_id}
+        return json.dumps({**record, "principal": owner.principal, "salt": owner.salt, "digest": owner.digest})
 
-    @classmethod
-    def from_json(cls, text: str, path: Path | None = None) -> OwnerRegistry:
+    @staticmethod
+    def parse_record(text: str) -> tuple[str, Owner]:
         data: Any = json.loads(text)
         if not isinstance(data, dict) or data.get("version") != FORMAT_VERSION or data.get("scheme") != SCHEME:
-            raise ValueError(f"not a version-{FORMAT_VERSION} {SCHEME} owner registry")
-        owners: dict[str, Owner] = {}
-        for adapter_id, entry in dict(data.get("owners") or {}).items():
-            owners[str(adapter_id)] = Owner(str(entry["principal"]), str(entry["salt"]), str(entry["digest"]))
-        return cls(owners, path)
+            raise ValueError(f"not a version-{FORMAT_VERSION} {SCHEME} owner record")
+        return str(data["adapter_id"]), Owner(str(data["principal"]), str(data["salt"]), str(data["digest"]))
 
     @classmethod
-    def load(cls, path: str | Path) -> OwnerRegistry:
-        """The registry saved at ``path``, or an empty one bound to it; a corrupt file fails loudly."""
-        path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            return cls(path=path)
-        try:
-            return cls.from_json(text, path)
-        except (ValueError, KeyError, TypeError) as err:
-            raise ValueError(f"adapter owner registry {path} is unreadable ({err}); refusing to start") from None
+    def load(cls, directory: str | Path, legacy: Path | None = None) -> OwnerRegistry:
+        """The records saved under ``directory``, or an empty registry bound to it; a corrupt record
+        fails loudly (an owner silently dropped would open its adapter to everyone). ``legacy`` is the
+        single ``owners.json`` of earlier versions: its owners are carried over into ``directory``."""
+        registry = cls(path=Path(directory))
+        registry.reload(lambda _: True)
+        if legacy is not None and legacy.is_file():
+            try:
+                data = json.loads(legacy.read_text(encoding="utf-8"))
+                old = {
+                    str(a): Owner(str(e["principal"]), str(e["salt"]), str(e["digest"]))
+                    for a, e in data["owners"].items()
+                }
+            except (ValueError, KeyError, TypeError) as err:
+                raise ValueError(f"adapter owner registry {legacy} is unreadable ({err}); refusing to start") from None
+            for adapter_id, owner in old.items():
+                if adapter_id not in registry.owners:
+                    registry.owners[adapter_id] = owner
+                    registry.save(adapter_id)
+            legacy.rename(legacy.with_name(f"{legacy.name}.migrated"))
+        return registry
 
-    def save(self) -> None:
-        """Write atomically (temp file in the same directory, fsync, rename); no-op without a path."""
+    def reload(self, which: Callable[[str], bool]) -> None:
+        """Re-read the records of the adapters ``which`` selects (another engine may have written them)."""
         if self.path is None:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        for adapter_id in [a for a in self.owners if which(a)]:
+            del self.owners[adapter_id]
+        for file in sorted(self.path.glob("*.json")) if self.path.is_dir() else []:
+            try:
+                adapter_id, owner = self.parse_record(file.read_text(encoding="utf-8"))
+            except FileNotFoundError:  # deleted meanwhile
+                continue
+            except (ValueError, KeyError, TypeError) as err:
+                raise ValueError(f"adapter owner record {file} is unreadable ({err}); refusing to go on") from None
+            if which(adapter_id):
+                self.owners[adapter_id] = owner
+
+    def save(self, adapter_id: str) -> None:
+        """Write (or, once released, remove) ``adapter_id``'s record atomically; no-op without a path."""
+        if self.path is None:
+            return
+        file = self.path / f"{adapter_dir_name(adapter_id)}.json"
+        owner = self.owners.get(adapter_id)
+        if owner is None:
+            with contextlib.suppress(FileNotFoundError):
+                file.unlink()
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{file.name}.", suffix=".tmp", dir=self.path)
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(self.to_json())
+                f.write(self.record_json(adapter_id, owner))
                 f.flush()
                 os.fsync(f.fileno())
             os.chmod(tmp, 0o600)
-            os.replace(tmp, self.path)
+            os.replace(tmp, file)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
@@ -195,8 +227,8 @@ class OwnershipGate:
         self._claims: dict[str, str] = {}  # request_id -> adapter id it claimed, until its outcome
 
     @classmethod
-    def load(cls, path: str | Path) -> OwnershipGate:
-        return cls(OwnerRegistry.load(path))
+    def load(cls, directory: str | Path, legacy: Path | None = None) -> OwnershipGate:
+        return cls(OwnerRegistry.load(directory, legacy))
 
     def precheck(self, message: wire.Request) -> None:
         """Raise ``Forbidden`` when a recorded owner already refuses the request (checked on arrival).
@@ -214,7 +246,7 @@ class OwnershipGate:
         if isinstance(message, wire.CreateAdapter | wire.LoadState):
             if self.registry.claim(adapter_id, principal, token):
                 try:
-                    self.registry.save()
+                    self.registry.save(adapter_id)
                 except OSError:  # an owner we could not persist is no owner: refuse (internal) instead
                     self.registry.release(adapter_id)
                     raise
@@ -228,18 +260,18 @@ class OwnershipGate:
         failed = isinstance(result, BaseException)
         if claimed is not None and failed:
             self.registry.release(claimed)
-            self._save_or_log()
+            self._save_or_log(claimed)
         elif isinstance(message, wire.DeleteAdapter) and not failed:
             if self.registry.release(message.adapter_id):
-                self._save_or_log()
+                self._save_or_log(message.adapter_id)
         elif isinstance(message, wire.ListAdapters) and not failed and message.principal:
             return [info for info in result if self.registry.visible(info.adapter_id, message.principal, message.token)]
         return result
 
-    def _save_or_log(self) -> None:
+    def _save_or_log(self, adapter_id: str) -> None:
         """A release that cannot be saved leaves a stale owner on disk (it only refuses): log, go on."""
         try:
-            self.registry.save()
+            self.registry.save(adapter_id)
         except OSError as err:
             log.error("owner_registry_save_failed", path=str(self.registry.path), error=str(err))
 

@@ -38,9 +38,11 @@ class DeleteAdapter:
 
 @dataclass
 class ListAdapters:
-    """-> ``list[AdapterInfo]``"""
+    """-> ``list[AdapterInfo]``. ``adapter_id`` only routes: over Kafka the request then goes to the
+    engine that owns that adapter (several engines share the tenants), which lists its adapters."""
 
     request_id: str = field(default_factory=new_request_id)
+    adapter_id: str = ""
 
 
 @dataclass

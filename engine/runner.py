@@ -6,7 +6,7 @@ to run one micro-batch or one optimizer step at a time.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,6 +73,8 @@ class ModelRunner:
             resident_slots=self.config.resident_slots,
             host_device=self.config.host_device,
         )
+        # Called with each training micro-batch before it runs (engine.observability); None costs nothing.
+        self.micro_batch_hook: Callable[[MicroBatch], None] | None = None
 
     @classmethod
     def from_pretrained(
@@ -164,6 +166,8 @@ class ModelRunner:
             slots = {adapter_id: adapter.slot for adapter_id, adapter in adapters.items()}
             assembler = ResultAssembler(group_calls)
             for batch in pack_forward_backward(group_calls, slots, self.config.token_budget):
+                if self.micro_batch_hook is not None:
+                    self.micro_batch_hook(batch)
                 row_losses, target_logprobs = self.run_micro_batch(batch, group_calls)
                 assembler.add(batch, row_losses, target_logprobs)
             for index, output in zip(group, assembler.outputs(), strict=True):

@@ -425,9 +425,12 @@ class Scheduler:
         """
         return bool(self._order) or self._running_rows > 0
 
-    def in_flight(self) -> int:
-        """Dispatched items not yet reported complete."""
-        return len(self._in_flight)
+    def in_flight(self, adapter_id: str | None = None) -> int:
+        """Dispatched items not yet reported complete, of one adapter or all."""
+        if adapter_id is None:
+            return len(self._in_flight)
+        state = self._adapters.get(adapter_id)
+        return state.in_flight if state is not None else 0
 
     @property
     def running_rows(self) -> int:

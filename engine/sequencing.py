@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import heapq
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -53,6 +54,18 @@ class Sequencer(Generic[T]):
         """The last ``seq`` released for ``adapter_id`` (0 if none): what a restarted agent continues after."""
         state = self._adapters.get(adapter_id)
         return 0 if state is None or state.next is None else state.next - 1
+
+    def forget(self, adapter_id: str) -> None:
+        """The adapter moved to another engine: if it comes back, its sequence starts from its snapshot."""
+        self._adapters.pop(adapter_id, None)
+
+    def drop_held(self) -> list[T]:
+        """Give up every held request (a rebalance: their records are uncommitted, so they come again)."""
+        dropped: list[T] = []
+        for state in self._adapters.values():
+            dropped.extend(v for v in state.held.values() if v is not _SKIPPED)  # type: ignore[misc]
+            state.held = {k: v for k, v in state.held.items() if v is _SKIPPED}
+        return dropped
 
     @property
     def held(self) -> int:
@@ -101,6 +114,25 @@ class Sequencer(Generic[T]):
             if item is not _SKIPPED:
                 ready.append(item)  # type: ignore[arg-type]
         return ready
+
+
+def advance_point(durable: int | None, open_seqs: Iterable[int], answered: Iterable[tuple[int, bool]]) -> int | None:
+    """How far an adapter's durable ``seq`` may move without writing its state again, or None.
+
+    ``answered`` are the adapter's answered requests above ``durable`` as ``(seq, mutating)``;
+    ``open_seqs`` those released but not answered yet. Requests are released in ``seq`` order, so every
+    ``seq`` below the first open or state-changing one is answered and changed nothing: the snapshot at
+    ``durable`` is also the state at the highest such ``seq``. Moving the mark there lets those records
+    commit; without it, a sample answered after the last ``optim_step`` would stay uncommitted (and hold
+    back its partition), or, if committed, leave a hole that a restarted engine would wait on.
+    """
+    if durable is None:
+        return None
+    answered = list(answered)
+    limit = min([*open_seqs, *(s for s, mutating in answered if mutating)], default=None)
+    done = [s for s, mutating in answered if not mutating and (limit is None or s < limit)]
+    point = max(done, default=None)
+    return point if point is not None and point > durable else None
 
 
 class OffsetTracker(Generic[K]):

@@ -10,6 +10,12 @@ engine idempotent: a ``request_id`` seen again is answered from a bounded cache 
 ignored while its first copy is still in flight. Input offsets are committed only once every record up
 to them is answered (``OffsetTracker``), so a crash re-delivers unanswered requests, never loses them.
 
+Scale-out. Several engines join one consumer group; ``CoPartitionAssignor`` (engine.placement) gives
+each one whole partition numbers of all request topics, so each adapter has exactly one engine. On a
+rebalance the engine stops taking records, finishes what it started, makes it durable and commits;
+then it unloads the adapters it lost and loads the ones it gained from the shared snapshot store
+before it serves them (``docs/scale-out.md``).
+
 Shutdown (SIGTERM/SIGINT): stop fetching, let submitted requests finish, checkpoint every adapter under
 ``checkpoint_dir`` (each with a checkpoint event), publish ``engine_status: stopped``, commit, exit 0.
 Requests still held for a missing predecessor are left uncommitted for the next engine.
@@ -39,12 +45,14 @@ from hotlora.engine import requests as eng
 from hotlora.engine.broker import EmbeddedBroker
 from hotlora.engine.checkpoint import directory_sha256, save_checkpoint
 from hotlora.engine.core import Engine, EngineConfig, run
-from hotlora.engine.durability import MAX_REPLIES, DurableStore
+from hotlora.engine.durability import MAX_REPLIES, DurableAdapter, DurableStore, SnapshotStore
 from hotlora.engine.errors import HotLoraError, InvalidRequest
 from hotlora.engine.kafka_admin import ensure_topics
+from hotlora.engine.observability import EngineMetrics
 from hotlora.engine.ownership import Forbidden, OwnershipGate
+from hotlora.engine.placement import CoPartitionAssignor, partition_for
 from hotlora.engine.runner import RunnerConfig
-from hotlora.engine.sequencing import OffsetTracker, ResultCache, Sequencer
+from hotlora.engine.sequencing import OffsetTracker, ResultCache, Sequencer, advance_point
 from hotlora.engine.service_config import ServiceConfig
 from hotlora.engine.types import OptimStepOutput
 from hotlora.engine.vllm_sampler import VllmSettings
@@ -101,12 +109,10 @@ class _Rebalance(ConsumerRebalanceListener):
         self.service = service
 
     async def on_partitions_revoked(self, revoked: Any) -> None:
-        await self.service._commit()
-        for partition in revoked:
-            self.service._offsets.forget(partition)
+        await self.service._quiesce(set(revoked))
 
     async def on_partitions_assigned(self, assigned: Any) -> None:
-        log.info("partitions_assigned", partitions=sorted(f"{tp.topic}/{tp.partition}" for tp in assigned))
+        await self.service._adopt(set(assigned))
 
 
 class EngineService:
@@ -121,8 +127,14 @@ class EngineService:
         self.model = config.model or ""
         self.checkpoint_dir = Path(config.checkpoint_dir).resolve()
         self._security = config.kafka_security().kafka_kwargs()  # TLS/SASL; bad settings fail here
-        self.owners = OwnershipGate.load(self.checkpoint_dir / "owners.json")  # adapter owners (engine.ownership)
+        # Adapter owners (engine.ownership): one record per adapter, so engines can share checkpoint_dir.
+        self.owners = OwnershipGate.load(self.checkpoint_dir / "owners", legacy=self.checkpoint_dir / "owners.json")
         self.state = "starting"
+        # Prometheus metrics (engine.observability): an injected engine's own, else one when --metrics-port is set.
+        self.metrics: EngineMetrics | None = engine.metrics if engine is not None else None
+        if self.metrics is None and config.metrics_port is not None:
+            self.metrics = EngineMetrics()
+        self.metrics_port: int | None = None  # the bound port, once serving
         self.ready = asyncio.Event()  # set once consuming; tests and the CLI may wait on it
         self._stop = asyncio.Event()
         self._sequencer: Sequencer[tuple[wire.RequestMessage, int]] = Sequencer(config.seq_gap_timeout)
@@ -131,11 +143,25 @@ class EngineService:
         self._inflight: dict[str, list[tuple[TopicPartition, int]]] = {}  # request_id -> records it answers
         # Durability (engine.durability): a mutating request's offset is committed only once a current
         # snapshot covers its seq; until then its records wait in ``_undurable``.
-        self.durable = DurableStore(self.checkpoint_dir / ".durable") if config.durable else None
+        # Every sequenced request of an adapter with durable state waits the same way (a sample too, so a
+        # new owner's sequence never starts past a committed record); ``advance_point`` moves the mark
+        # over requests that changed nothing.
+        self.durable: SnapshotStore | None = DurableStore(self.checkpoint_dir / ".durable") if config.durable else None
         self._durable_seq: dict[str, int] = {}  # adapter -> last seq its current snapshot covers
         self._replies: dict[str, dict[str, tuple[int, bytes]]] = {}  # adapter -> request_id -> (seq, reply)
         self._published: dict[tuple[str, int], asyncio.Future[None]] = {}  # (adapter, seq) -> reply sent
-        self._undurable: dict[str, list[tuple[int, list[tuple[TopicPartition, int]]]]] = {}
+        self._open: dict[str, set[int]] = {}  # adapter -> seqs released to the engine, not answered yet
+        # adapter -> answered requests above its durable seq: (seq, mutating, records to commit then)
+        self._undurable: dict[str, list[tuple[int, bool, list[tuple[TopicPartition, int]]]]] = {}
+        self._advance_wanted: set[str] = set()
+        # Placement (engine.placement): the partition numbers this engine owns, None before the first
+        # assignment. Records that arrive while an assignment's adapters load wait in ``_early``.
+        self.assignor = CoPartitionAssignor()
+        self.owned: set[int] | None = None
+        self._adopted = asyncio.Event()
+        self._early: list[tuple[TopicPartition, ConsumerRecord[Any, Any]]] = []
+        self.migrations: list[dict[str, Any]] = []  # per adapter acquired: seq, version, load seconds
+        self.fenced = False  # stopped mid-rebalance (``_fence``): exit without serving or checkpointing
         self.snapshot_seconds: list[float] = []  # each snapshot's cost, for logs and benchmarks
         self._snapshot_locks: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -172,7 +198,11 @@ class EngineService:
         if self.engine is None:
             self.engine = await asyncio.to_thread(self._load_engine)
         await self.engine.start()
-        await self._restore_durable()
+        if self.metrics is not None and self.config.metrics_port is not None:
+            self.metrics_port = self.metrics.start_http_server(self.config.metrics_port)
+            log.info("metrics_serving", port=self.metrics_port)
+        if not self.durable:
+            log.warning("durability_off", consequence="an adapter that moves to another engine starts empty there")
         created = await ensure_topics(
             self.bootstrap,
             self.topics,
@@ -198,12 +228,14 @@ class EngineService:
             auto_offset_reset="earliest",
             session_timeout_ms=self.config.session_timeout_ms,
             heartbeat_interval_ms=self.config.heartbeat_interval_ms,
+            rebalance_timeout_ms=self.config.rebalance_timeout_ms,
             max_partition_fetch_bytes=_transport_bytes(self.config),
             fetch_max_bytes=_transport_bytes(self.config),
             # Tansu answers an empty fetch only after the full wait, not when a record arrives: with
             # aiokafka's 500 ms default every request would sit up to half a second before the engine
             # saw it. 10 ms costs a few percent of a core while idle.
             fetch_max_wait_ms=self.config.fetch_max_wait_ms,
+            partition_assignment_strategy=(self.assignor,),
         )
         self._consumer.subscribe(list(self.topics.requests()), listener=_Rebalance(self))
         await self._consumer.start()
@@ -232,13 +264,14 @@ class EngineService:
         log.info(
             "loading_model", model=self.model, dtype=settings.dtype, device=settings.device, sampler=settings.sampler
         )
-        return Engine.from_pretrained(self.model, dtype=self.config.dtype, device=self.config.device, config=config)
+        return Engine.from_pretrained(
+            self.model, dtype=self.config.dtype, device=self.config.device, config=config, metrics=self.metrics
+        )
 
     async def _consume_until_stopped(self) -> None:
         assert self._consumer is not None
         self.state = "running"
         await self._publish_status()
-        self.ready.set()
         log.info("engine_running", engine_id=self.config.engine_id, group=self.config.consumer_group)
         while not self._stop.is_set():
             batch = await self._consumer.getmany(timeout_ms=FETCH_TIMEOUT_MS)
@@ -249,6 +282,8 @@ class EngineService:
 
     async def _drain(self) -> None:
         assert self.engine is not None
+        if self.fenced:
+            return
         self.state = "draining"
         await self._publish_status()
         if self._tasks:
@@ -274,12 +309,17 @@ class EngineService:
                 await self._producer.stop()
         if self.engine is not None and self._owns_engine:
             await self.engine.close()
+        if self.metrics is not None:
+            self.metrics.close()
         if self._broker is not None:
             await asyncio.to_thread(self._broker.stop)
 
     # ----- records in -----
 
     def _on_record(self, partition: TopicPartition, record: ConsumerRecord[Any, Any]) -> None:
+        if not self._adopted.is_set():  # the assignment's adapters are still loading
+            self._early.append((partition, record))
+            return
         self._offsets.start(partition, record.offset)
         received = wire.now_ms()
         try:
@@ -309,10 +349,10 @@ class EngineService:
             self._release(self._sequencer.skip(err.adapter_id, _salvage_seq(record.value), time.monotonic()))
             return
         rid = message.request_id
-        cached = self._results.get(rid)
+        cached = self._results.get(rid) or self._stored_reply(message)
         if cached is not None:
             log.info("duplicate_republished", request_id=rid, adapter_id=message.adapter_id)
-            self._spawn(self._publish_result(cached, [(partition, record.offset)]))
+            self._spawn(self._answer_again(message, cached, [(partition, record.offset)]))
             return
         if rid in self._inflight:
             log.info("duplicate_ignored", request_id=rid, adapter_id=message.adapter_id)
@@ -344,6 +384,8 @@ class EngineService:
                 "forbidden", request_id=message.request_id, adapter_id=message.adapter_id, principal=message.principal
             )
             reply = from_engine(message, err, received_at_ms=received)
+            if self.metrics is not None:
+                self.metrics.observe_request(message, reply)
             self._spawn(self._publish_result(reply, [(partition, offset)]))
             return True
         return False
@@ -352,6 +394,8 @@ class EngineService:
         # Tasks start in creation order and Engine.submit enqueues before its first await, so the
         # engine's scheduler sees these requests in exactly this (seq) order.
         for message, received in ready:
+            if self.durable is not None and message.seq and message.adapter_id:
+                self._open.setdefault(message.adapter_id, set()).add(message.seq)
             if self.durable is not None and message.seq and isinstance(message, MUTATING):
                 key = (message.adapter_id, message.seq)  # a snapshot after it waits for its reply
                 self._published.setdefault(key, asyncio.get_running_loop().create_future())
@@ -394,14 +438,16 @@ class EngineService:
             if isinstance(message, wire.ListAdapters) and isinstance(result, list):
                 result = [dataclasses.replace(info, seq=self._sequencer.last(info.adapter_id)) for info in result]
             reply = from_engine(message, result, received_at_ms=received_at_ms)
+            if self.metrics is not None:
+                self.metrics.observe_request(message, reply)
             if isinstance(message, wire.SaveState) and isinstance(reply, wire.SaveStateResult):
                 await self._publish_checkpoint(
                     message.adapter_id, reply.path, reply.version, message.include_optimizer, message.request_id
                 )
             self._results.put(message.request_id, reply)
             answered = self._inflight.pop(message.request_id, [])
-            if self.durable is not None and message.seq and isinstance(message, MUTATING):
-                await self._publish_mutating(message, reply, answered)
+            if self.durable is not None and message.seq and message.adapter_id:
+                await self._publish_sequenced(message, reply, answered)
             else:
                 await self._publish_result(reply, answered)
             outcome = {"code": reply.code, "error": reply.message} if isinstance(reply, wire.Error) else {}
@@ -409,23 +455,117 @@ class EngineService:
             if isinstance(reply, wire.CreateAdapterResult | wire.DeleteAdapterResult | wire.LoadStateResult):
                 await self._publish_status()
 
+    # ----- rebalance (engine.placement) -----
+
+    async def _quiesce(self, revoked: set[TopicPartition]) -> None:
+        """Before the group reassigns partitions: finish what was started, make it durable, commit.
+
+        Kafka's eager rebalance takes every partition from every member, and the consumer hands out no
+        records until the new assignment, so nothing new starts meanwhile. Requests held for a missing
+        predecessor are dropped: their records are uncommitted, so whoever owns them next reads them
+        again. Agents see this as latency: their requests wait in the topic, none fails.
+        """
+        started = time.perf_counter()
+        self._adopted.clear()
+        self._early.clear()
+        for message, _ in self._sequencer.drop_held():
+            self._inflight.pop(message.request_id, None)
+        # The group waits rebalance_timeout_ms for this engine; past it the adapters go to others anyway.
+        budget = self.config.rebalance_timeout_ms / 1000
+        deadline = time.monotonic() + budget - max(1.0, 0.2 * budget)
+        while self._tasks and (left := deadline - time.monotonic()) > 0:  # replies, snapshots, their follow-ups
+            await asyncio.wait(set(self._tasks), timeout=left)
+        if self._tasks:
+            await self._fence(len(self._tasks))
+            return
+        await self._advance_all()
+        await self._commit()
+        for partition in revoked:
+            self._offsets.forget(partition)
+        for adapter_id, waiting in self._undurable.items():  # uncommitted: the next owner re-reads them
+            self._undurable[adapter_id] = [(s, mutating, []) for s, mutating, _ in waiting]
+        log.info("partitions_revoked", partitions=len(revoked), quiesce_s=round(time.perf_counter() - started, 4))
+
+    async def _fence(self, unfinished: int) -> None:
+        """Crash-only exit when the work cannot be released in time: stop the engine before the group
+        hands its adapters to another one, so none is ever served twice. Whatever was not durable is
+        re-read from Kafka by the new owner, exactly as after a SIGKILL (docs/reliability.md)."""
+        assert self.engine is not None
+        log.error("rebalance_overrun", unfinished=unfinished, rebalance_timeout_ms=self.config.rebalance_timeout_ms)
+        self.fenced = True
+        await self.engine.close()
+        self.request_stop()
+
+    async def _adopt(self, assigned: set[TopicPartition]) -> None:
+        """After the group's assignment: unload the adapters this engine lost, load the ones it gained
+        from the shared snapshot store, then serve (records that came meanwhile waited in ``_early``)."""
+        assert self.engine is not None and self._consumer is not None
+        if self.fenced:
+            return
+        started = time.perf_counter()
+        total = len(self._consumer.partitions_for_topic(self.topics.rollout) or ()) or self.config.partitions
+        numbers = {tp.partition for tp in assigned}
+        gained = numbers - (self.owned or set())
+        for info in await self.engine.submit(eng.ListAdapters()):
+            if partition_for(info.adapter_id, total) not in numbers:
+                await self._release_adapter(info.adapter_id)
+        if gained:
+            self.owners.registry.reload(lambda adapter_id: partition_for(adapter_id, total) in gained)
+        if self.durable is not None and gained:
+            for saved in await asyncio.to_thread(self.durable.load_all):
+                if partition_for(saved.adapter_id, total) in gained:
+                    await self._acquire(saved)
+        self.owned = numbers
+        early, self._early = self._early, []
+        self._adopted.set()
+        self.ready.set()
+        for partition, record in early:
+            if partition in assigned:
+                self._on_record(partition, record)
+        log.info(
+            "partitions_assigned",
+            partitions=sorted(numbers),
+            of=total,
+            gained=sorted(gained),
+            adopt_s=round(time.perf_counter() - started, 4),
+        )
+        self._spawn(self._send_heartbeat())
+
     # ----- durability (engine.durability) -----
 
-    async def _restore_durable(self) -> None:
-        """Load every adapter's current snapshot into the engine and resume its seq after it."""
-        if self.durable is None:
-            return
+    async def _acquire(self, saved: DurableAdapter) -> None:
+        """Load an adapter this engine now owns from its current snapshot; its sequence resumes after it."""
         assert self.engine is not None
-        for saved in await asyncio.to_thread(self.durable.load_all):
-            try:
-                await self.engine.submit(eng.LoadState(saved.adapter_id, saved.path))
-            except HotLoraError as err:
-                log.error("restore_failed", adapter_id=saved.adapter_id, path=str(saved.path), error=str(err))
-                continue
-            self._durable_seq[saved.adapter_id] = saved.seq
-            self._replies[saved.adapter_id] = dict(saved.replies)
-            self._sequencer.resume(saved.adapter_id, saved.seq + 1)
-            log.info("adapter_restored", adapter_id=saved.adapter_id, seq=saved.seq, version=saved.version)
+        started = time.perf_counter()
+        try:
+            await self.engine.submit(eng.LoadState(saved.adapter_id, saved.path))
+        except HotLoraError as err:
+            log.error("restore_failed", adapter_id=saved.adapter_id, path=str(saved.path), error=str(err))
+            return
+        self._durable_seq[saved.adapter_id] = saved.seq
+        self._replies[saved.adapter_id] = dict(saved.replies)
+        self._sequencer.forget(saved.adapter_id)
+        self._sequencer.resume(saved.adapter_id, saved.seq + 1)
+        seconds = time.perf_counter() - started
+        self.migrations.append({"adapter_id": saved.adapter_id, "seq": saved.seq, "load_s": seconds})
+        if self.metrics is not None:
+            self.metrics.adopt(saved.adapter_id, saved.version)
+        log.info("adapter_acquired", adapter_id=saved.adapter_id, seq=saved.seq, version=saved.version, load_s=seconds)
+
+    async def _release_adapter(self, adapter_id: str) -> None:
+        """Unload an adapter another engine now owns. Its state is durable already (``_quiesce``)."""
+        assert self.engine is not None
+        try:
+            await self.engine.submit(eng.DeleteAdapter(adapter_id))
+        except HotLoraError as err:
+            log.error("release_failed", adapter_id=adapter_id, error=str(err))
+        self._forget_adapter(adapter_id)
+        self._sequencer.forget(adapter_id)
+        if self.metrics is not None:
+            self.metrics.forget(adapter_id)
+        if self.durable is None:
+            log.warning("adapter_released_without_state", adapter_id=adapter_id)
+        log.info("adapter_released", adapter_id=adapter_id)
 
     def _already_durable(self, message: wire.RequestMessage, records: list[tuple[TopicPartition, int]]) -> bool:
         """A mutating request a current snapshot already covers (re-delivered after a restart): answer
@@ -451,38 +591,91 @@ class EngineService:
         self._spawn(self._publish_result(reply, records))  # type: ignore[arg-type]
         return True
 
-    async def _publish_mutating(
+    async def _publish_sequenced(
         self, message: wire.RequestMessage, reply: wire.ResultMessage, answered: list[tuple[TopicPartition, int]]
     ) -> None:
-        """Publish now; commit the offsets once a snapshot covers the seq (a delete: once it is forgotten)."""
+        """Publish now; commit the offsets once the adapter's durable seq covers the request (a delete:
+        once it is forgotten). A mutating request's reply is kept to answer a re-delivery."""
         adapter_id, seq = message.adapter_id, message.seq
         await self._send_reply(reply)
-        replies = self._replies.setdefault(adapter_id, {})
-        replies[message.request_id] = (seq, encode(reply))
-        if len(replies) > 2 * MAX_REPLIES:  # bounded: only the newest can still be re-delivered
-            kept = sorted(replies.items(), key=lambda item: item[1][0])[-MAX_REPLIES:]
-            self._replies[adapter_id] = dict(kept)
-        published = self._published.setdefault((adapter_id, seq), asyncio.get_running_loop().create_future())
-        if not published.done():
-            published.set_result(None)
+        self._open.get(adapter_id, set()).discard(seq)
+        if isinstance(message, MUTATING):
+            replies = self._replies.setdefault(adapter_id, {})
+            replies[message.request_id] = (seq, encode(reply))
+            if len(replies) > 2 * MAX_REPLIES:  # bounded: only the newest can still be re-delivered
+                kept = sorted(replies.items(), key=lambda item: item[1][0])[-MAX_REPLIES:]
+                self._replies[adapter_id] = dict(kept)
+            published = self._published.setdefault((adapter_id, seq), asyncio.get_running_loop().create_future())
+            if not published.done():
+                published.set_result(None)
         if isinstance(message, wire.DeleteAdapter) and isinstance(reply, wire.DeleteAdapterResult):
             assert self.durable is not None
             async with self._snapshot_lock(adapter_id):  # after the snapshots of earlier steps, never before
                 await asyncio.to_thread(self.durable.remove, adapter_id)
             self._forget_adapter(adapter_id)
             self._finish(answered)
-        elif seq <= self._durable_seq.get(adapter_id, 0):
-            self._finish(answered)
         else:
-            self._undurable.setdefault(adapter_id, []).append((seq, answered))
+            self._finish_when_durable(message, answered)
+
+    async def _answer_again(
+        self, message: wire.RequestMessage, reply: wire.ResultMessage, records: list[tuple[TopicPartition, int]]
+    ) -> None:
+        """A re-delivered request already answered (a retry, or records re-read after a rebalance)."""
+        await self._send_reply(reply)
+        if self.durable is not None and message.seq and message.adapter_id:
+            self._finish_when_durable(message, records)
+        else:
+            self._finish(records)
+
+    def _finish_when_durable(self, message: wire.RequestMessage, records: list[tuple[TopicPartition, int]]) -> None:
+        adapter_id, seq = message.adapter_id, message.seq
+        mutating = isinstance(message, MUTATING)
+        if seq <= self._durable_seq.get(adapter_id, 0) or not (mutating or self._tracked(adapter_id)):
+            self._finish(records)  # covered, or an adapter without durable state (unknown, its create failed)
+            return
+        self._undurable.setdefault(adapter_id, []).append((seq, mutating, records))
+        if not mutating:
+            self._advance_wanted.add(adapter_id)
+            self._commit_wake.set()
+
+    def _tracked(self, adapter_id: str) -> bool:
+        """The adapter has durable state, or a state-changing request on its way to a snapshot."""
+        return adapter_id in self._durable_seq or any(key[0] == adapter_id for key in self._published)
+
+    def _stored_reply(self, message: wire.RequestMessage) -> wire.ResultMessage | None:
+        """The kept reply of a mutating request re-read after the result cache dropped it."""
+        stored = self._replies.get(message.adapter_id, {}).get(message.request_id)
+        return None if stored is None else decode(stored[1])  # type: ignore[return-value]
 
     def _forget_adapter(self, adapter_id: str) -> None:
         self._durable_seq.pop(adapter_id, None)
         self._replies.pop(adapter_id, None)
+        self._open.pop(adapter_id, None)
         for key in [k for k in self._published if k[0] == adapter_id]:
             del self._published[key]
-        for _, answered in self._undurable.pop(adapter_id, []):
+        for _, _, answered in self._undurable.pop(adapter_id, []):
             self._finish(answered)
+
+    async def _advance_all(self) -> None:
+        """Move durable marks over answered requests that changed nothing (``advance_point``)."""
+        assert self.durable is not None or not self._advance_wanted
+        while self._advance_wanted:
+            adapter_id = self._advance_wanted.pop()
+            waiting = [(s, mutating) for s, mutating, _ in self._undurable.get(adapter_id, [])]
+            point = advance_point(self._durable_seq.get(adapter_id), self._open.get(adapter_id, ()), waiting)
+            if point is None or self.durable is None:
+                continue
+            async with self._snapshot_lock(adapter_id):
+                if point <= self._durable_seq.get(adapter_id, 0):
+                    continue
+                try:
+                    moved = await asyncio.to_thread(self.durable.advance, adapter_id, point)
+                except OSError as err:
+                    log.error("advance_failed", adapter_id=adapter_id, seq=point, error=str(err))
+                    continue
+            if moved and adapter_id in self._durable_seq:
+                self._durable_seq[adapter_id] = max(point, self._durable_seq[adapter_id])
+                self._settle(adapter_id, point)
 
     async def _persist(self, adapter_id: str, seq: int, state: Any) -> None:
         """Write an optim_step's captured state as the adapter's snapshot at ``seq`` (file I/O in a thread)."""
@@ -537,17 +730,24 @@ class EngineService:
         self.snapshot_seconds.append(time.perf_counter() - started)
         self._durable_seq[adapter_id] = max(seq, self._durable_seq.get(adapter_id, 0))
         self._settle(adapter_id, seq)
-        log.debug("snapshot_written", adapter_id=adapter_id, seq=seq, seconds=self.snapshot_seconds[-1])
+        log.info("snapshot_written", adapter_id=adapter_id, seq=seq, version=version, seconds=self.snapshot_seconds[-1])
 
     def _settle(self, adapter_id: str, seq: int) -> None:
         """Everything of the adapter up to ``seq`` is durable (or had no effect): its offsets may commit."""
         for key in [k for k in self._published if k[0] == adapter_id and k[1] <= seq]:
             del self._published[key]
         waiting = self._undurable.get(adapter_id, [])
-        done = [answered for s, answered in waiting if s <= seq]
-        self._undurable[adapter_id] = [(s, answered) for s, answered in waiting if s > seq]
+        done = [answered for s, _, answered in waiting if s <= seq]
+        left = [entry for entry in waiting if entry[0] > seq]
+        if not self._tracked(adapter_id):  # no durable state left to protect (e.g. its create failed)
+            done += [answered for _, _, answered in left]
+            left = []
+        self._undurable[adapter_id] = left
+        if any(not mutating for _, mutating, _ in left):
+            self._advance_wanted.add(adapter_id)
         for answered in done:
             self._finish(answered)
+        self._commit_wake.set()
 
     def _resolve_paths(self, message: wire.RequestMessage) -> wire.RequestMessage:
         """Checkpoint paths live under ``checkpoint_dir``: relative ones are taken from there, and any path
@@ -679,19 +879,54 @@ class EngineService:
         await self._send(self.topics.metrics, status)
 
     async def _heartbeats(self) -> None:
-        assert self.engine is not None
         while True:
-            heartbeat = wire.Heartbeat(
-                engine_id=self.config.engine_id,
-                steps=self.engine.steps_run,
-                queued_requests=len(self._inflight),
-                running_rows=self.engine.scheduler.running_rows,
-            )
-            try:
-                await self._send(self.topics.metrics, heartbeat)
-            except KafkaError as err:
-                log.warning("heartbeat_failed", error=str(err))
+            await self._send_heartbeat()
             await asyncio.sleep(self.config.heartbeat_interval)
+
+    async def _send_heartbeat(self) -> None:
+        """Liveness, capacity (resident slots), load, and what this engine owns (``hotlora status``)."""
+        assert self.engine is not None
+        table = self.engine.runner.adapters
+        adapters = sorted(adapter.adapter_id for adapter in table.list())
+        load: dict[str, wire.AdapterLoad] = {}
+        if self.metrics is not None:
+            load = self.metrics.adapter_load(self.engine.scheduler, adapters)
+            await self._observe_consumer_lag()
+        heartbeat = wire.Heartbeat(
+            engine_id=self.config.engine_id,
+            steps=self.engine.steps_run,
+            queued_requests=len(self._inflight),
+            running_rows=self.engine.scheduler.running_rows,
+            resident_slots=table.resident_slots,
+            resident_adapters=len(table.resident_ids()),
+            max_decode_rows=self.engine.config.max_decode_rows,
+            state=self.state,
+            adapters=adapters,
+            partitions=sorted(self.owned or ()),
+            load=load,
+        )
+        try:
+            await self._send(self.topics.metrics, heartbeat)
+        except KafkaError as err:
+            log.warning("heartbeat_failed", error=str(err))
+
+    async def _observe_consumer_lag(self) -> None:
+        """Records behind each request topic's high watermark (as of the consumer's last fetch)."""
+        assert self.metrics is not None
+        if self._consumer is None:
+            return
+        lag = dict.fromkeys(self.topics.requests(), 0)
+        for tp in self._consumer.assignment():
+            high = self._consumer.highwater(tp)
+            if high is None:
+                continue
+            try:
+                position = await self._consumer.position(tp)
+            except KafkaError:  # revoked by a rebalance in between: the next heartbeat counts it
+                continue
+            lag[tp.topic] = lag.get(tp.topic, 0) + max(high - position, 0)
+        for topic, records in lag.items():
+            self.metrics.set_consumer_lag(topic, records)
 
     # ----- offsets -----
 
@@ -699,6 +934,7 @@ class EngineService:
         while True:
             await self._commit_wake.wait()
             self._commit_wake.clear()
+            await self._advance_all()
             await self._commit()
 
     async def _commit(self) -> None:
@@ -744,7 +980,7 @@ async def serve(config: ServiceConfig) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, service.request_stop)
     await service.run()
-    return 0
+    return 75 if service.fenced else 0  # EX_TEMPFAIL: a supervisor restarts it
 
 
 def main(config: ServiceConfig) -> int:

@@ -31,6 +31,7 @@ class ServiceConfig:
     dtype: str = "auto"
     device: str = "auto"
     heartbeat_interval: float = 5.0  # seconds between heartbeat events
+    metrics_port: int | None = None  # Prometheus /metrics (engine.observability); 0: a free port; None: off
     max_decode_rows: int = 256
     resident_slots: int | None = None
     sampler: str = "native"
@@ -50,6 +51,9 @@ class ServiceConfig:
     # Apache Kafka's brokers refuse sessions under 6 s by default; tests against Tansu use 2000 / 300.
     session_timeout_ms: int = 10_000
     heartbeat_interval_ms: int = 1_000
+    # How long a rebalance waits for every engine to finish, snapshot and release its adapters. An
+    # engine that cannot within it stops serving (docs/scale-out.md), so no adapter has two engines.
+    rebalance_timeout_ms: int = 60_000
     fetch_max_wait_ms: int = 10  # how long an empty fetch may block; the request hop's floor
     # A held request whose predecessor never arrives (lost, dead-lettered) releases after this long.
     seq_gap_timeout: float = 30.0
@@ -84,6 +88,7 @@ _FLAGS: dict[str, str] = {
     "dtype": "model dtype: auto, float32, bfloat16, float16 (default auto)",
     "device": "model device: auto, cpu, cuda (default auto)",
     "heartbeat_interval": "seconds between heartbeat events (default 5)",
+    "metrics_port": "serve Prometheus metrics at http://0.0.0.0:PORT/metrics; 0 picks a free port (default: off)",
     "max_decode_rows": "rows in the running decode batch (default 256)",
     "resident_slots": "adapters resident on the device at once (default: all)",
     "sampler": "rollout backend: native, vllm, or auto (vllm when it imports) (default native)",
@@ -101,6 +106,7 @@ _FLAGS: dict[str, str] = {
     "ssl_keyfile": "client private key (PEM) for mutual TLS",
     "session_timeout_ms": "consumer group session timeout (default 10000)",
     "heartbeat_interval_ms": "consumer group heartbeat interval (default 1000)",
+    "rebalance_timeout_ms": "how long a rebalance waits for an engine to release its adapters (default 60000)",
     "fetch_max_wait_ms": "longest wait of an empty fetch, the floor of a request's hop (default 10)",
     "seq_gap_timeout": "seconds a request waits for a missing predecessor seq (default 30)",
     "drain_timeout": "seconds shutdown waits for in-flight requests (default 120)",

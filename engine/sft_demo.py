@@ -14,6 +14,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from hotlora.engine.progress import progress_console
 from hotlora.engine.runner import ModelRunner
 from hotlora.engine.types import AdamParams, Datum, ForwardBackwardCall, LoraSpec
 
@@ -92,7 +93,7 @@ def run_sft_demo(model_dir: str | None, steps: int, seed: int = 0) -> int:
     console.print(f"base model: {path}")
     runner = ModelRunner.from_pretrained(path)
     start = time.perf_counter()
-    with console.status(f"training 2 adapters for {steps} steps in mixed micro-batches"):
+    with progress_console().status(f"training 2 adapters for {steps} steps in mixed micro-batches"):
         results = train_two_adapters(runner, steps, seed)
     table = Table(title=f"SFT of two adapters on one base ({time.perf_counter() - start:.1f} s)")
     for column in ("adapter", "first loss", "last loss", "cut", "greedy completion", "target"):

@@ -143,6 +143,14 @@ def _cmd_topics(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_status(args: argparse.Namespace) -> int:
+    from hotlora.status import main as status_main
+
+    if not args.bootstrap:
+        raise SystemExit("error: pass --bootstrap HOST:PORT or set HOTLORA_BOOTSTRAP")
+    return status_main(args.bootstrap, args.topic_prefix, args.window, args.json)
+
+
 def _cmd_bench_core(args: argparse.Namespace) -> int:
     from hotlora.benchmarks.core import main as bench_core_main
 
@@ -270,6 +278,19 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--all", action="store_true", help="every topic, not only the prefix's")
         sub.set_defaults(func=_cmd_topics, partitions=None, all=False)
 
+    from hotlora.top import add_top_parser
+
+    add_top_parser(commands)
+
+    status = commands.add_parser("status", help="live engines: capacity, load, and which engine owns which adapter")
+    status.add_argument("--bootstrap", default=os.environ.get("HOTLORA_BOOTSTRAP"), help="Kafka HOST:PORT")
+    status.add_argument("--topic-prefix", default=os.environ.get("HOTLORA_TOPIC_PREFIX", "hotlora"))
+    status.add_argument(
+        "--window", type=float, default=30.0, help="an engine is live if it sent a heartbeat this recently (s)"
+    )
+    status.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    status.set_defaults(func=_cmd_status)
+
     bench = commands.add_parser("bench", help="benchmarks (results go to docs/benchmarks.md)")
     bench_commands = bench.add_subparsers(dest="bench_command", required=True)
     core = bench_commands.add_parser("core", help="mixed vs looped vs single-adapter forward/backward, and decode")
@@ -303,6 +324,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_soak_arguments(soak)
     soak.set_defaults(func=_cmd_bench_soak)
+    migration = bench_commands.add_parser(
+        "migration", help="engines join and die under N agents: each migrated adapter's pause, verified run"
+    )
+    from hotlora.benchmarks.migration import add_arguments as add_migration_arguments
+    from hotlora.benchmarks.migration import main as bench_migration_main
+
+    add_migration_arguments(migration)
+    migration.set_defaults(func=bench_migration_main)
     return parser
 
 

@@ -26,6 +26,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
 from hotlora.agents.grpo import GrpoConfig
+from hotlora.engine.progress import progress_bar, progress_console
 from hotlora.schemas import Metrics
 
 ENGINE_READY_TIMEOUT_S = 180.0
@@ -176,7 +177,7 @@ async def run_demo(
             stdout=engine_log,
             stderr=asyncio.subprocess.STDOUT,
         )  # fmt: skip
-        with console.status("waiting for the engine's first heartbeat"):
+        with progress_console().status("waiting for the engine's first heartbeat"):
             await wait_for_engine(address, prefix, ENGINE_READY_TIMEOUT_S)
         columns = (
             TextColumn("{task.description}"),
@@ -184,7 +185,8 @@ async def run_demo(
             MofNCompleteColumn(),
             TextColumn("train reward {task.fields[reward]:.2f}  held-out {task.fields[eval]:.3f}"),
         )
-        with Progress(*columns, console=console) as progress:
+        # On stderr, live on a terminal only; the summary table on stdout is the record of the run.
+        with progress_bar(*columns, transient=False) as progress:
             streams = []
             for exp in exps:
                 cfg = exp.config

@@ -79,7 +79,7 @@ def to_engine(message: wire.RequestMessage) -> eng.Request:
     if isinstance(message, wire.DeleteAdapter):
         return eng.DeleteAdapter(adapter_id, request_id=rid)
     if isinstance(message, wire.ListAdapters):
-        return eng.ListAdapters(request_id=rid)
+        return eng.ListAdapters(request_id=rid, adapter_id=message.adapter_id)
     if isinstance(message, wire.Sample):
         params = SamplingParams(
             max_tokens=message.max_tokens,
@@ -141,7 +141,7 @@ def to_wire(
     if isinstance(request, eng.DeleteAdapter):
         return wire.DeleteAdapter(adapter_id=request.adapter_id, **envelope)
     if isinstance(request, eng.ListAdapters):
-        return wire.ListAdapters(**envelope)
+        return wire.ListAdapters(adapter_id=request.adapter_id, **envelope)
     if isinstance(request, eng.Sample):
         p = request.params
         return wire.Sample(

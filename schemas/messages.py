@@ -262,6 +262,27 @@ class CheckpointEvent(Event, tag="checkpoint", kw_only=True, frozen=True):
     include_optimizer: bool = False
 
 
+class AdapterLoad(msgspec.Struct, kw_only=True, frozen=True):
+    """One adapter's load on the engine that sent the heartbeat (``hotlora top`` reads it).
+
+    ``queued``: its requests waiting in the engine's scheduler; ``running``: dispatched, not finished.
+    ``sampled_tokens`` / ``trained_tokens`` are cumulative since the engine started (generated tokens
+    of ``sample`` results; ``input_tokens`` of ``forward_backward`` datums); ``tokens_per_s`` is both
+    together since the previous heartbeat. ``version`` is the trainer's version (its optimizer steps);
+    ``version_lag`` is ``docs/protocol.md``'s off-policy lag (0 = on-policy).
+    """
+
+    queued: NonNegative = 0
+    running: NonNegative = 0
+    sampled_tokens: NonNegative = 0
+    trained_tokens: NonNegative = 0
+    tokens_per_s: float = 0.0
+    version: NonNegative = 0
+    version_lag: NonNegative = 0
+    optim_steps: NonNegative = 0
+    errors: NonNegative = 0
+
+
 class Heartbeat(Event, tag="heartbeat", kw_only=True, frozen=True):
     """Liveness plus the cheap load numbers an agent or autoscaler needs."""
 
@@ -277,6 +298,8 @@ class Heartbeat(Event, tag="heartbeat", kw_only=True, frozen=True):
     state: str = "running"
     adapters: list[str] = msgspec.field(default_factory=list)
     partitions: list[int] = msgspec.field(default_factory=list)
+    # Per-adapter load (``engine.observability.EngineMetrics.adapter_load``); {} without metrics.
+    load: dict[str, AdapterLoad] = msgspec.field(default_factory=dict)
 
 
 class EngineStatus(Event, tag="engine_status", kw_only=True, frozen=True):

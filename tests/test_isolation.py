@@ -66,18 +66,20 @@ def test_registry_claims_checks_and_releases() -> None:
     assert reg.claim("a", "bob", "tok-b") is True  # a deleted id is free again
 
 
-def test_registry_json_keeps_no_raw_token_and_saves_atomically(tmp_path: Path) -> None:
-    path = tmp_path / "ckpt" / "owners.json"
-    reg = OwnerRegistry.load(path)  # no file yet: empty, bound to the path
+def test_registry_keeps_no_raw_token_and_saves_one_record_per_adapter_atomically(tmp_path: Path) -> None:
+    directory = tmp_path / "ckpt" / "owners"
+    reg = OwnerRegistry.load(directory)  # no directory yet: empty, bound to it
     token = secrets.token_urlsafe(32)
     reg.claim("a", "alice", token)
     reg.claim("anon", "", "")
-    reg.save()
-    text = path.read_text()
+    reg.save("a")
+    reg.save("anon")
+    files = sorted(p.name for p in directory.iterdir())
+    assert len(files) == 2 and all(f.endswith(".json") and not f.startswith(".") for f in files)  # no temp files
+    text = "".join(p.read_text() for p in directory.iterdir())
     assert token not in text and "alice" in text
-    assert json.loads(text)["scheme"] == "hmac-sha256"
-    assert sorted(p.name for p in path.parent.iterdir()) == ["owners.json"]  # no temp file left behind
-    again = OwnerRegistry.load(path)
+    assert all(json.loads(p.read_text())["scheme"] == "hmac-sha256" for p in directory.iterdir())
+    again = OwnerRegistry.load(directory)
     assert again.owners == reg.owners
     again.check("a", "alice", token)
     with pytest.raises(Forbidden):
@@ -85,9 +87,30 @@ def test_registry_json_keeps_no_raw_token_and_saves_atomically(tmp_path: Path) -
     # Same token, another adapter: another salt, so equal tokens do not show as equal digests.
     reg.claim("b", "alice", token)
     assert reg.owners["a"].digest != reg.owners["b"].digest
-    path.write_text("{not json")
-    with pytest.raises(ValueError, match="refusing to start"):
-        OwnerRegistry.load(path)
+    # Another engine sharing the directory writes b's record; reload picks up only what it selects.
+    reg.save("b")
+    again.reload(lambda adapter_id: adapter_id == "b")
+    assert "b" in again and "a" in again
+    reg.release("a")
+    reg.save("a")  # a released owner's record goes
+    again.reload(lambda adapter_id: adapter_id == "a")
+    assert "a" not in again and "b" in again
+    next(directory.iterdir()).write_text("{not json")
+    with pytest.raises(ValueError, match="refusing to go on"):
+        OwnerRegistry.load(directory)
+
+
+def test_registry_carries_over_the_legacy_owners_json(tmp_path: Path) -> None:
+    old = OwnerRegistry()
+    old.claim("a", "alice", "ta")
+    legacy = tmp_path / "owners.json"
+    owners = {a: {"principal": o.principal, "salt": o.salt, "digest": o.digest} for a, o in old.owners.items()}
+    legacy.write_text(json.dumps({"version": 1, "scheme": "hmac-sha256", "owners": owners}))
+    reg = OwnerRegistry.load(tmp_path / "owners", legacy=legacy)
+    reg.check("a", "alice", "ta")
+    with pytest.raises(Forbidden):
+        reg.check("a", "bob", "tb")
+    assert not legacy.exists() and OwnerRegistry.load(tmp_path / "owners").owners == reg.owners
 
 
 def _info(adapter_id: str) -> AdapterInfo:
@@ -95,14 +118,14 @@ def _info(adapter_id: str) -> AdapterInfo:
 
 
 def test_gate_claims_in_order_and_settles_outcomes(tmp_path: Path) -> None:
-    gate = OwnershipGate.load(tmp_path / "owners.json")
+    gate = OwnershipGate.load(tmp_path / "owners")
     alice, bob = {"principal": "alice", "token": "ta"}, {"principal": "bob", "token": "tb"}
     create = wire.CreateAdapter(adapter_id="a", **alice)
     gate.admit(create)  # claimed at dispatch, before the engine ran it ...
     with pytest.raises(Forbidden):
         gate.admit(wire.OptimStep(adapter_id="a", **bob))  # ... so a request right behind it is refused
     gate.settle(create, _info("a"))
-    assert "a" in OwnerRegistry.load(tmp_path / "owners.json")  # saved
+    assert "a" in OwnerRegistry.load(tmp_path / "owners")  # saved
     failed = wire.CreateAdapter(adapter_id="b", **bob)
     gate.admit(failed)
     gate.settle(failed, Forbidden("e.g. the engine refused it"))  # a failed create gives its claim back
@@ -119,7 +142,7 @@ def test_gate_claims_in_order_and_settles_outcomes(tmp_path: Path) -> None:
     delete = wire.DeleteAdapter(adapter_id="a", **alice)
     gate.admit(delete)
     gate.settle(delete, None)
-    assert "a" not in OwnerRegistry.load(tmp_path / "owners.json")
+    assert "a" not in OwnerRegistry.load(tmp_path / "owners")
 
 
 def test_envelope_fields_are_optional_and_never_echoed() -> None:
@@ -212,7 +235,7 @@ def test_other_principals_are_refused_and_change_nothing(
                 after = await a.save_state("a-adapter", "after", include_optimizer=True)
                 assert after.version == 1
                 assert _bit_identical(_weights(before.path), _weights(after.path))
-            owners = (checkpoints / "owners.json").read_text()
+            owners = "".join(p.read_text() for p in (checkpoints / "owners").iterdir())
             assert "alice" in owners and token_a not in owners and token_b not in owners
 
             # A restarted engine keeps the owners: bob is still refused, alice still works.
@@ -222,7 +245,7 @@ def test_other_principals_are_refused_and_change_nothing(
                 await a.forward_backward("a-adapter", [datum])
                 assert (await a.optim_step("a-adapter", AdamParams(learning_rate=1e-2))).version == 2
                 await a.delete_adapter("a-adapter")
-            assert "a-adapter" not in json.loads((checkpoints / "owners.json").read_text())["owners"]
+            assert "a-adapter" not in OwnerRegistry.load(checkpoints / "owners")
 
     run(main, timeout=240)
 

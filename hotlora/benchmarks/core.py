@@ -31,9 +31,10 @@ from typing import Any
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from hotlora.engine.progress import progress_bar
 from hotlora.engine.runner import ModelRunner, RunnerConfig
 from hotlora.engine.types import Datum, ForwardBackwardCall, LoraSpec
 
@@ -285,7 +286,7 @@ def run_core(runner: ModelRunner, cfg: CoreBenchConfig, console: Console | None 
         runner.create_adapter(ids[-1], spec)
     reps = cfg.warmup + cfg.repeats
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=True) as progress:
+    with progress_bar(*columns, console=console) as progress:
         train_task = progress.add_task("forward/backward", total=reps * len(KS))
         training = measure_training(runner, cfg, ids, lambda: progress.advance(train_task))
         decode_task = progress.add_task("decode", total=reps)

@@ -39,6 +39,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from hotlora.benchmarks.core import git_commit, machine_info, repo_root
+from hotlora.engine.progress import progress_bar
 
 if TYPE_CHECKING:
     from hotlora.agents.client import HotLoraClient
@@ -414,7 +415,8 @@ async def measure(
         console.print(f"broker {address} ({'external' if bootstrap else 'embedded Tansu'}); logs in {workdir}")
         phases = Phases()
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-        with Progress(*columns, console=console) as progress:
+        # Live bars on a terminal only; elsewhere Reporter prints one line per phase instead.
+        with progress_bar(*columns, console=console, transient=False) as progress:
             report = Reporter(progress, bench)
             phases.cold = await cold_phase(bench, plan, base, report)
             warm_prefix = f"{base}-warm"

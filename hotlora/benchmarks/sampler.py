@@ -42,6 +42,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from hotlora.benchmarks.core import git_commit, machine_info, repo_root
 from hotlora.benchmarks.experiments import interrupt_on_sigterm, quiet_client_logs
+from hotlora.engine.progress import progress_bar
 
 BACKENDS: tuple[str, ...] = ("native", "vllm")
 SECTION_HEADER = "## `hotlora bench sampler`"
@@ -450,7 +451,7 @@ def run_bench(
 
     async def measure() -> dict[str, dict[str, Any]]:
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-        with Progress(*columns, console=console) as progress:
+        with progress_bar(*columns, console=console, transient=False) as progress:
             return {b: await measure_backend(b, decode_model or model, model, cfg, progress) for b in backends}
 
     started = time.perf_counter()

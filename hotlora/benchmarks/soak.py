@@ -32,9 +32,10 @@ from typing import Any
 import structlog
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from hotlora.benchmarks.core import git_commit, machine_info, repo_root
+from hotlora.engine.progress import progress_bar
 
 DOCS_INTRO = """## `hotlora bench soak`
 
@@ -227,9 +228,9 @@ async def measure(cfg: SoakConfig, bootstrap: str | None, model: str, console: C
         stop_at[0] = start + duration
         samples: list[tuple[float, float]] = []  # (seconds since start, RSS MiB)
         interval = cfg.rss_interval()
-        progress = Progress(
+        progress = progress_bar(
             TextColumn("soak"), BarColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
-            TextColumn("{task.fields[info]}"), console=console, transient=True,
+            TextColumn("{task.fields[info]}"), console=console,
         )  # fmt: skip
         with progress:
             bar = progress.add_task("soak", total=duration, info="")

@@ -1,0 +1,113 @@
+"""``hotlora status``: which engines are live, their capacity and load, and which engine owns which adapter.
+
+Everything comes from the engines' heartbeats on the metrics topic, so it works from any machine that
+reaches the broker and needs no engine to answer a request. An engine counts as live when its latest
+heartbeat is younger than ``window`` seconds and does not say ``stopped``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import asdict, dataclass
+
+from rich.console import Console
+from rich.table import Table
+
+from hotlora.agents.metrics import read_events
+from hotlora.schemas import Heartbeat
+
+
+@dataclass(frozen=True)
+class EngineView:
+    engine_id: str
+    state: str
+    last_seen_s: float  # seconds since its latest heartbeat
+    partitions: list[int]
+    adapters: list[str]
+    resident_slots: int
+    resident_adapters: int
+    running_rows: int
+    max_decode_rows: int
+    queued_requests: int
+
+
+def fold(events: list[object], now_ms: int, window_s: float) -> list[EngineView]:
+    """The latest heartbeat of each engine seen within ``window_s``, stopped engines left out."""
+    latest: dict[str, Heartbeat] = {}
+    for event in events:
+        if isinstance(event, Heartbeat):
+            seen = latest.get(event.engine_id)
+            if seen is None or event.sent_at_ms >= seen.sent_at_ms:
+                latest[event.engine_id] = event
+    views = []
+    for engine_id, beat in sorted(latest.items()):
+        age = (now_ms - beat.sent_at_ms) / 1000
+        if age > window_s or beat.state == "stopped":
+            continue
+        views.append(
+            EngineView(
+                engine_id=engine_id,
+                state=beat.state,
+                last_seen_s=round(max(age, 0.0), 1),
+                partitions=list(beat.partitions),
+                adapters=list(beat.adapters),
+                resident_slots=beat.resident_slots,
+                resident_adapters=beat.resident_adapters,
+                running_rows=beat.running_rows,
+                max_decode_rows=beat.max_decode_rows,
+                queued_requests=beat.queued_requests,
+            )
+        )
+    return views
+
+
+def owners(views: list[EngineView]) -> dict[str, list[str]]:
+    """adapter -> the engines that list it (more than one only for a moment, mid-rebalance)."""
+    table: dict[str, list[str]] = {}
+    for view in views:
+        for adapter_id in view.adapters:
+            table.setdefault(adapter_id, []).append(view.engine_id)
+    return dict(sorted(table.items()))
+
+
+async def collect(bootstrap: str, topic_prefix: str, window_s: float) -> list[EngineView]:
+    now_ms = int(time.time() * 1000)
+    events = await read_events(bootstrap, topic_prefix, since_ms=now_ms - int(window_s * 1000))
+    return fold(events, int(time.time() * 1000), window_s)
+
+
+def render(views: list[EngineView], console: Console) -> None:
+    engines = Table(title="engines")
+    for column in ("engine", "state", "seen", "partitions", "adapters", "resident / slots", "rows", "queued"):
+        engines.add_column(column)
+    for v in views:
+        engines.add_row(
+            v.engine_id,
+            v.state,
+            f"{v.last_seen_s:.1f}s ago",
+            ",".join(map(str, v.partitions)) or "-",
+            str(len(v.adapters)),
+            f"{v.resident_adapters} / {v.resident_slots}",
+            f"{v.running_rows} / {v.max_decode_rows}",
+            str(v.queued_requests),
+        )
+    console.print(engines)
+    placement = Table(title="adapters")
+    placement.add_column("adapter")
+    placement.add_column("engine")
+    for adapter_id, engine_ids in owners(views).items():
+        placement.add_row(adapter_id, ", ".join(engine_ids))
+    console.print(placement)
+
+
+def main(bootstrap: str, topic_prefix: str, window_s: float, as_json: bool) -> int:
+    views = asyncio.run(collect(bootstrap, topic_prefix, window_s))
+    if as_json:
+        print(json.dumps({"engines": [asdict(v) for v in views], "adapters": owners(views)}, indent=1))
+    else:
+        render(views, Console())
+        if not views:
+            print(f"no live engine (no heartbeat in the last {window_s:g} s on {topic_prefix}.metrics)")
+    return 0

@@ -1,0 +1,107 @@
+"""Scale-out: engine processes share the tenants through one consumer group, as a user runs them.
+
+One scenario covers the issue's three cases in one fleet (to keep CI short): engines ``a`` and ``b``
+(``hotlora engine`` processes, one shared checkpoint directory) serve 6 ``hotlora agent`` GRPO
+processes on the real broker; at step 2 a third engine ``c`` joins, at step 4 ``b`` is SIGKILLed. The
+checks (``hotlora.benchmarks.migration.verify``, the same the bench runs) read the agents' reported
+metrics, the engines' heartbeats and the engines' JSON logs:
+
+- every experiment reported each of its steps exactly once, its version moved by one per trained step
+  (a doubled ``optim_step`` would move it by two), and exactly one live engine holds its adapter;
+- no ``optim_step`` was applied twice: across all engine logs each (adapter, seq) ``optim_step`` ran
+  once, except where the killed engine ran it without making it durable (its effect died with it);
+- each adapter was served by one engine at a time: spans of results from different engines never
+  overlap.
+
+Then: all three engines served adapters, and ``a`` or ``c`` took over every adapter ``b`` served.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from hotlora.benchmarks.migration import (
+    FleetSettings,
+    LocalFleet,
+    migration_pauses,
+    run_scenario,
+    served_by,
+    spread_adapter_ids,
+    verify,
+)
+from hotlora.engine.broker import EmbeddedBroker
+from hotlora.engine.placement import balance, partition_for
+
+
+def test_co_partition_plan_is_balanced_complete_and_sticky() -> None:
+    numbers = list(range(12))
+    two = balance(numbers, {}, ["a", "b"])
+    assert sorted(n for v in two.values() for n in v) == numbers and {len(v) for v in two.values()} == {6}
+    three = balance(numbers, two, ["a", "b", "c"])
+    assert sorted(n for v in three.values() for n in v) == numbers and {len(v) for v in three.values()} == {4}
+    moved = sum(len(set(three[m]) - set(two.get(m, []))) for m in three)
+    assert moved == 4  # only the new member's share moves (the range assignor would move 6)
+    assert balance(numbers, {"a": three["a"]}, ["a"]) == {"a": numbers}  # b and c died: a takes all
+    assert sorted(len(v) for v in balance(list(range(5)), {}, ["a", "b"]).values()) == [2, 3]
+    # The same plan whichever member leads the group (and so computes it).
+    assert balance(numbers, {"a": [0, 1], "b": [0, 1]}, ["a", "b"]) == balance(
+        numbers, {"b": [0, 1], "a": [0, 1]}, ["b", "a"]
+    )
+
+
+def test_adapter_partition_matches_the_producers_partitioner() -> None:
+    from aiokafka.partitioner import DefaultPartitioner
+
+    for n in range(50):
+        key = f"adapter-{n}"
+        assert partition_for(key, 6) == DefaultPartitioner()(key.encode(), list(range(6)), list(range(6)))
+    ids = spread_adapter_ids("t", 6, 6)
+    assert sorted(partition_for(a, 6) for a in ids) == list(range(6))
+
+
+def test_engines_join_and_die_mid_run_and_every_experiment_finishes_exactly(
+    broker: EmbeddedBroker, topic_prefix: str, rl_base_path: Path, tmp_path: Path
+) -> None:
+    settings = FleetSettings(agents=6, steps=6, join_at=2, kill_at=4, timeout_s=480.0)
+    status: dict[str, Any] = {}
+
+    async def ask_status(fleet: LocalFleet) -> None:
+        """``hotlora status --json`` as a user runs it, while the surviving engines still serve."""
+        await fleet.wait_for_split(["a", "c"])
+        command = [sys.executable, "-m", "hotlora.cli", "status", "--json", "--window", "5"]
+        command += ["--bootstrap", broker.bootstrap, "--topic-prefix", topic_prefix]
+        process = await asyncio.create_subprocess_exec(*command, stdout=asyncio.subprocess.PIPE)
+        out, _ = await asyncio.wait_for(process.communicate(), 120)
+        assert process.returncode == 0
+        status.update(json.loads(out))
+
+    run = asyncio.run(run_scenario(broker.bootstrap, topic_prefix, rl_base_path, tmp_path, settings, print, ask_status))
+    assert verify(run, settings.steps) == []
+    served = served_by(run)
+    assert all(served.get(name) for name in ("a", "b", "c")), f"every engine should serve adapters: {served}"
+    moved = migration_pauses(run)
+    print(json.dumps(moved, indent=1))
+    failed_over = [r for r in moved if r["from"] == "b" and r["cause"] == "failure"]
+    assert failed_over and all(r["to"] in ("a", "c") for r in failed_over), moved
+    assert any(r["to"] == "c" and r["cause"] == "rebalance" for r in moved), moved
+    # Status: the two live engines, each adapter owned by exactly one of them, capacity advertised.
+    assert sorted(e["engine_id"] for e in status["engines"]) == ["a", "c"]
+    assert {a: owners for a, owners in status["adapters"].items() if a in run.adapter_ids} == {
+        a: [next(e["engine_id"] for e in status["engines"] if a in e["adapters"])] for a in run.adapter_ids
+    }
+    assert all(e["resident_slots"] > 0 and e["partitions"] for e in status["engines"])
+
+
+def test_status_needs_a_broker() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "hotlora.cli", "status"],
+        capture_output=True, text=True, timeout=120,
+        env={k: v for k, v in os.environ.items() if k != "HOTLORA_BOOTSTRAP"},
+    )  # fmt: skip
+    assert result.returncode != 0 and "HOTLORA_BOOTSTRAP" in result.stderr
