@@ -14,6 +14,7 @@ from typing import IO
 import msgspec
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+from hotlora.engine.kafka_admin import log_end_offsets
 from hotlora.engine.kafka_security import kafka_kwargs
 from hotlora.schemas import Message, Metrics, SchemaError, Topics, decode, encode, key_for
 
@@ -82,7 +83,7 @@ async def read_events(bootstrap: str, topic_prefix: str = "hotlora", since_ms: i
             raise SystemExit(f"error: topic {topic} does not exist")
         consumer.assign(partitions)
         await consumer.seek_to_beginning(*partitions)
-        ends = await consumer.end_offsets(partitions)
+        ends = await log_end_offsets(bootstrap, partitions)  # not end_offsets: Tansu's can read short
         if since_ms is not None:
             for tp, found_at in (await consumer.offsets_for_times({tp: since_ms for tp in partitions})).items():
                 consumer.seek(tp, found_at.offset if found_at is not None else ends[tp])

@@ -6,9 +6,11 @@ Used by the engine at start and by ``hotlora topics``. ``security`` is the aioka
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import asyncio
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError, for_code
 
@@ -71,3 +73,33 @@ async def list_topics(
     finally:
         await admin.close()
     return sorted(n for n in names if prefix is None or n.startswith(f"{prefix}."))
+
+
+async def log_end_offsets(
+    bootstrap: str, partitions: Sequence[TopicPartition], timeout: float = 10.0
+) -> dict[TopicPartition, int]:
+    """Each partition's log end offset (the offset the next record will get).
+
+    Why not just ``end_offsets``: Tansu 0.6 answers ListOffsets(latest) with the last record *batch*'s
+    base offset + 1, so when the newest batch holds several records (two pipelined requests sent
+    together) it reports an end short of the log and a recorder stopping there silently drops them.
+    A fetch response's high watermark is right on Tansu and on Kafka, so this fetches once from just
+    below the listed end and takes the larger of the two.
+    """
+    if not partitions:
+        return {}
+    probe = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False, fetch_max_wait_ms=10, **kafka_kwargs()
+    )
+    await probe.start()
+    try:
+        listed = await probe.end_offsets(list(partitions))
+        probe.assign(list(partitions))
+        for tp in partitions:
+            probe.seek(tp, max(listed[tp] - 1, 0))
+        deadline = asyncio.get_running_loop().time() + timeout
+        while any(probe.highwater(tp) is None for tp in partitions) and asyncio.get_running_loop().time() < deadline:
+            await probe.getmany(timeout_ms=50)
+        return {tp: max(listed[tp], probe.highwater(tp) or 0) for tp in partitions}
+    finally:
+        await probe.stop()

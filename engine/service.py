@@ -45,6 +45,7 @@ from hotlora.engine import requests as eng
 from hotlora.engine.broker import EmbeddedBroker
 from hotlora.engine.checkpoint import directory_sha256, save_checkpoint
 from hotlora.engine.core import Engine, EngineConfig, run
+from hotlora.engine.device_claim import CLAIM, DeviceClaim, claim_visible_gpu
 from hotlora.engine.durability import MAX_REPLIES, DurableAdapter, DurableStore, SnapshotStore
 from hotlora.engine.errors import HotLoraError, InvalidRequest
 from hotlora.engine.kafka_admin import ensure_topics
@@ -161,6 +162,7 @@ class EngineService:
         self._adopted = asyncio.Event()
         self._early: list[tuple[TopicPartition, ConsumerRecord[Any, Any]]] = []
         self.migrations: list[dict[str, Any]] = []  # per adapter acquired: seq, version, load seconds
+        self.device_claim: DeviceClaim | None = None  # --device cuda:claim: held until the process exits
         self.fenced = False  # stopped mid-rebalance (``_fence``): exit without serving or checkpointing
         self.snapshot_seconds: list[float] = []  # each snapshot's cost, for logs and benchmarks
         self._snapshot_locks: dict[str, asyncio.Lock] = {}
@@ -245,6 +247,9 @@ class EngineService:
         ]
 
     def _load_engine(self) -> Engine:
+        if self.config.device == CLAIM:  # before CUDA starts: it narrows CUDA_VISIBLE_DEVICES to the claimed GPU
+            self.device_claim = claim_visible_gpu(Path(self.config.device_lock_dir))
+            log.info("gpu_claimed", gpu=self.device_claim.gpu_id, lock=str(self.device_claim.path))
         if not self.model:
             from hotlora.engine.tiny_model import TinyModelRecipe, ensure_tiny_model
 
@@ -265,7 +270,11 @@ class EngineService:
             "loading_model", model=self.model, dtype=settings.dtype, device=settings.device, sampler=settings.sampler
         )
         return Engine.from_pretrained(
-            self.model, dtype=self.config.dtype, device=self.config.device, config=config, metrics=self.metrics
+            self.model,
+            dtype=self.config.dtype,
+            device="cuda" if self.config.device == CLAIM else self.config.device,
+            config=config,
+            metrics=self.metrics,
         )
 
     async def _consume_until_stopped(self) -> None:

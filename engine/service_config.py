@@ -30,6 +30,7 @@ class ServiceConfig:
     group_id: str | None = None  # default: "<topic_prefix>.engine"
     dtype: str = "auto"
     device: str = "auto"
+    device_lock_dir: str = "/tmp/hotlora-device-locks"  # --device cuda:claim: one host's GPU locks
     heartbeat_interval: float = 5.0  # seconds between heartbeat events
     metrics_port: int | None = None  # Prometheus /metrics (engine.observability); 0: a free port; None: off
     max_decode_rows: int = 256
@@ -86,7 +87,8 @@ _FLAGS: dict[str, str] = {
     "checkpoint_dir": "where relative checkpoint paths and shutdown checkpoints go (default ./checkpoints)",
     "group_id": "consumer group (default <prefix>.engine)",
     "dtype": "model dtype: auto, float32, bfloat16, float16 (default auto)",
-    "device": "model device: auto, cpu, cuda (default auto)",
+    "device": "model device: auto, cpu, cuda, cuda:N, or cuda:claim (take a GPU no other engine holds) (default auto)",
+    "device_lock_dir": "cuda:claim GPU locks, shared by one host's engines (default /tmp/hotlora-device-locks)",
     "heartbeat_interval": "seconds between heartbeat events (default 5)",
     "metrics_port": "serve Prometheus metrics at http://0.0.0.0:PORT/metrics; 0 picks a free port (default: off)",
     "max_decode_rows": "rows in the running decode batch (default 256)",

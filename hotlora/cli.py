@@ -108,7 +108,7 @@ def grpo_config(args: argparse.Namespace) -> GrpoConfig:
 def _cmd_plot(args: argparse.Namespace) -> int:
     from hotlora.plot import main as plot_main
 
-    return plot_main(args.bootstrap, args.topic_prefix, args.jsonl, args.out)
+    return plot_main(args.bootstrap, args.topic_prefix, args.jsonl, args.out, hlr=args.hlr)
 
 
 def _cmd_engine(args: argparse.Namespace) -> int:
@@ -257,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--bootstrap", default=os.environ.get("HOTLORA_BOOTSTRAP"), help="read the metrics topic")
     plot.add_argument("--topic-prefix", default=os.environ.get("HOTLORA_TOPIC_PREFIX", "hotlora"))
     plot.add_argument("--jsonl", default=None, metavar="FILE", help="read an agent's JSON lines instead")
+    plot.add_argument("--hlr", default=None, metavar="FILE", help="read a recording (hotlora record) instead")
     plot.add_argument("--out", default="rewards.png", help="PNG path (default rewards.png)")
     plot.set_defaults(func=_cmd_plot)
 
@@ -265,6 +266,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_engine_arguments(engine)
     engine.set_defaults(func=_cmd_engine)
+
+    from hotlora.replay.cli import add_commands as add_replay_commands
+
+    add_replay_commands(commands)  # record, replay, diff, tail (docs/replay.md)
 
     topics = commands.add_parser("topics", help="list or create hotlora's Kafka topics")
     topics_commands = topics.add_subparsers(dest="topics_command", required=True)

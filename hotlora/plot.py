@@ -1,4 +1,5 @@
-"""``hotlora plot``: training and held-out reward curves per experiment, from the metrics topic or a JSON-lines file."""
+"""``hotlora plot``: training and held-out reward curves per experiment, from the metrics topic, a JSON-lines
+file or a recording (``.hlr``, ``hotlora record``)."""
 
 from __future__ import annotations
 
@@ -46,15 +47,25 @@ def plot_metrics(metrics: Sequence[Metrics], out: str | Path) -> Path:
     return out
 
 
-def main(bootstrap: str | None, topic_prefix: str, jsonl: str | None, out: str) -> int:
+def read_hlr(path: str | Path) -> list[Metrics]:
+    """The ``Metrics`` events of a recording (``hotlora record``), in the order they were recorded."""
+    from hotlora.replay.format import iter_records
+    from hotlora.replay.messages import decode_record
+
+    return [m for m in map(decode_record, iter_records(path)) if isinstance(m, Metrics)]
+
+
+def main(bootstrap: str | None, topic_prefix: str, jsonl: str | None, out: str, hlr: str | None = None) -> int:
     from hotlora.agents.metrics import read_jsonl, read_topic
 
-    if jsonl:
+    if hlr:
+        metrics = read_hlr(hlr)
+    elif jsonl:
         metrics = read_jsonl(jsonl)
     elif bootstrap:
         metrics = asyncio.run(read_topic(bootstrap, topic_prefix))
     else:
-        raise SystemExit("error: pass --jsonl FILE, or --bootstrap HOST:PORT (or set HOTLORA_BOOTSTRAP)")
+        raise SystemExit("error: pass --hlr FILE, --jsonl FILE, or --bootstrap HOST:PORT (or set HOTLORA_BOOTSTRAP)")
     if not metrics:
         raise SystemExit("error: no metrics found")
     path = plot_metrics(metrics, out)

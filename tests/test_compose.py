@@ -78,7 +78,7 @@ def run_config(path: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
 
 
-@pytest.mark.parametrize("profile", [[], ["--profile", "gpu"]], ids=["default", "gpu"])
+@pytest.mark.parametrize("profile", [[], ["--profile", "cpu"], ["--profile", "gpu"]], ids=["default", "cpu", "gpu"])
 def test_compose_file_is_valid(profile: list[str]) -> None:
     result = run_config(COMPOSE_FILE, *profile)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -138,10 +138,10 @@ def test_kafka_is_kraft_with_healthcheck_and_named_volume() -> None:
     assert "PLAINTEXT://kafka:9092" in kafka_env["KAFKA_ADVERTISED_LISTENERS"]
 
 
-def test_engine_waits_for_healthy_kafka_and_runs_on_cpu() -> None:
-    engine = services()["engine"]
+def test_cpu_engine_waits_for_healthy_kafka_and_runs_on_cpu() -> None:
+    engine = services()["engine-cpu"]
     assert engine["depends_on"]["kafka"]["condition"] == "service_healthy"
-    assert "build" in engine and "profiles" not in engine
+    assert "build" in engine and engine["profiles"] == ["cpu"]
     assert engine["command"][0] == "engine"
     engine_env = env(engine)
     assert engine_env.keys() >= ENGINE_VARS
@@ -150,30 +150,33 @@ def test_engine_waits_for_healthy_kafka_and_runs_on_cpu() -> None:
     int(engine_env["HOTLORA_PARTITIONS"])
 
 
-def test_model_is_prepared_before_the_engine_starts() -> None:
+def test_model_is_prepared_before_the_engines_start() -> None:
     svc = services()
-    init, engine = svc["model-init"], svc["engine"]
-    assert engine["depends_on"]["model-init"]["condition"] == "service_completed_successfully"
-    model = env(engine)["HOTLORA_MODEL"]
-    assert env(init)["HOTLORA_MODEL"] == model
-    assert "hotlora model init" in " ".join(init["command"])
-    model_volume = mounts(init)["/models"]
-    assert model.startswith("/models/") and mounts(engine)["/models"] == model_volume
+    init = svc["model-init"]
+    for engine in (svc["engine"], svc["engine-cpu"]):
+        assert engine["depends_on"]["model-init"]["condition"] == "service_completed_successfully"
+        model = env(engine)["HOTLORA_MODEL"]
+        assert model.startswith("/models/") and mounts(engine)["/models"] == mounts(init)["/models"]
 
 
-def test_gpu_profile_reserves_an_nvidia_device() -> None:
+def test_gpu_engines_scale_one_gpu_each() -> None:
+    """``--profile gpu up --scale engine=2``: every replica sees every GPU and claims one (cuda:claim)
+    through locks in a volume of their own; the rest of their settings equal the CPU engine's."""
     svc = services()
-    gpu = svc["engine-gpu"]
+    gpu = svc["engine"]
     assert gpu["profiles"] == ["gpu"]
     devices = gpu["deploy"]["resources"]["reservations"]["devices"]
     assert any(d.get("driver") == "nvidia" and "gpu" in d.get("capabilities", []) for d in devices)
-    assert env(gpu)["HOTLORA_DEVICE"] == "cuda"
+    assert all(d.get("count") == "all" for d in devices)
+    gpu_env = env(gpu)
+    assert gpu_env["HOTLORA_DEVICE"] == "cuda:claim"
+    locks = gpu_env["HOTLORA_DEVICE_LOCK_DIR"]
+    assert mounts(gpu)[locks] in compose()["volumes"] and mounts(gpu)[locks] != "checkpoints"
     assert gpu["depends_on"]["kafka"]["condition"] == "service_healthy"
-    assert env(gpu).keys() >= ENGINE_VARS
-    # The same stack otherwise: same topics, same model, same checkpoint volume.
-    for key in ("HOTLORA_BOOTSTRAP", "HOTLORA_TOPIC_PREFIX", "HOTLORA_MODEL", "HOTLORA_CHECKPOINT_DIR"):
-        assert env(gpu)[key] == env(svc["engine"])[key]
-    assert mounts(gpu) == mounts(svc["engine"])
+    assert gpu_env.keys() >= ENGINE_VARS
+    for key in ENGINE_VARS:
+        assert gpu_env[key] == env(svc["engine-cpu"])[key]
+    assert mounts(gpu)["/checkpoints"] == mounts(svc["engine-cpu"])["/checkpoints"]
 
 
 def test_agent_scales() -> None:
@@ -199,7 +202,7 @@ def test_checkpoint_volume_is_shared() -> None:
     volume = mounts(svc["engine"])[checkpoint_dir]
     assert volume in doc["volumes"]
     assert volume in mounts(svc["agent"]).values()
-    assert mounts(svc["engine-gpu"])[checkpoint_dir] == volume
+    assert mounts(svc["engine-cpu"])[checkpoint_dir] == volume
 
 
 def _names_the_code_reads() -> set[str]:
@@ -225,7 +228,8 @@ def test_every_hotlora_variable_is_documented_in_the_readme() -> None:
     assert used, "compose.yaml sets no HOTLORA_* variables"
     missing = sorted(name for name in used if name not in readme)
     assert not missing, f"README.md does not document {missing}"
-    assert "docker compose up --scale agent=8" in readme
+    assert "docker compose --profile cpu up --scale agent=8" in readme
+    assert "docker compose --profile gpu up --scale engine=2" in readme
 
 
 # ---------------------------------------------------------------- Dockerfile

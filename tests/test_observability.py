@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from hotlora.engine.broker import EmbeddedBroker
 from hotlora.engine.core import Engine, EngineConfig
 from hotlora.engine.errors import HotLoraError
 from hotlora.engine.observability import EngineMetrics
@@ -194,3 +195,45 @@ def test_metrics_of_two_engines_do_not_collide() -> None:
     second.set_consumer_lag("p.rollout", 7)
     assert first.registry.get_sample_value("hotlora_consumer_lag_records", {"topic": "p.rollout"}) == 5
     assert second.registry.get_sample_value("hotlora_consumer_lag_records", {"topic": "p.rollout"}) == 7
+
+
+def test_engine_service_serves_metrics_while_two_adapters_train_over_kafka(
+    broker: EmbeddedBroker, topic_prefix: str, tiny_model_path: Path, tmp_path: Path
+) -> None:
+    """The deployed path: ``--metrics-port 0`` on the engine service, two agents' adapters trained over
+    the broker, the endpoint scraped while the engine runs; the counters equal the work the agents did."""
+    from hotlora.agents import HotLoraClient
+    from hotlora.engine.types import AdamParams, Datum, LoraSpec
+    from tests.helpers import running_engine_service, service_config_for_tests
+
+    config = service_config_for_tests(
+        broker.bootstrap, topic_prefix, tiny_model_path, tmp_path / "ckpt", metrics_port=0
+    )
+
+    async def agent(client: HotLoraClient, adapter_id: str) -> int:
+        await client.create_adapter(adapter_id, LoraSpec(rank=4, seed=1))
+        trained = 0
+        for step in range(STEPS):
+            datums = [Datum.from_sequence([1, *range(10 + step, 20 + step + i)], 1) for i in range(2)]
+            trained += sum(len(d.input_tokens) for d in datums)
+            await client.forward_backward(adapter_id, datums)
+            await client.optim_step(adapter_id, AdamParams(learning_rate=1e-2))
+        return trained
+
+    async def main() -> None:
+        async with (
+            running_engine_service(config) as service,
+            HotLoraClient(broker.bootstrap, topic_prefix=topic_prefix, request_timeout=30) as client,
+        ):
+            trained = await asyncio.gather(agent(client, "m-a"), agent(client, "m-b"))
+            assert service.metrics_port
+            samples = await asyncio.to_thread(scrape, service.metrics_port)
+        for adapter_id, tokens in zip(("m-a", "m-b"), trained, strict=True):
+            assert value(samples, "hotlora_optim_steps_total", adapter=adapter_id) == STEPS
+            assert value(samples, "hotlora_trained_tokens_total", adapter=adapter_id) == tokens
+            done = value(samples, "hotlora_requests_total", adapter=adapter_id, type="optim_step", code="ok")
+            assert done == STEPS
+            assert value(samples, "hotlora_adapter_version", adapter=adapter_id) == STEPS
+        assert value(samples, "hotlora_micro_batch_rows_count", kind="train") > 0
+
+    asyncio.run(main())

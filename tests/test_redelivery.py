@@ -9,6 +9,7 @@ adapter's durable ``seq``): the adapter's version and weights must not move eith
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -16,9 +17,11 @@ from safetensors.torch import load_file
 
 from hotlora.agents import HotLoraClient
 from hotlora.engine.broker import EmbeddedBroker
+from hotlora.engine.sampler import SamplingParams
+from hotlora.engine.service import EngineService
 from hotlora.engine.types import AdamParams, Datum, LoraSpec
 from hotlora.schemas.topics import Topics
-from tests.helpers import running_engine_service, service_config_for_tests
+from tests.helpers import running_engine_service, service_config_for_tests, start_engine_service
 
 ADAPTER = "redo"
 
@@ -112,5 +115,47 @@ def test_a_restarted_agent_resumes_its_adapter_after_an_engine_restart(
             await second.forward_backward(ADAPTER, [Datum.from_sequence([1, *range(11, 31)], 1)])
             assert (await second.optim_step(ADAPTER, AdamParams(learning_rate=1e-2))).version == 2
             assert await second.resume("nobody") is None
+
+    asyncio.run(main())
+
+
+def test_a_sample_answered_after_the_last_step_leaves_no_hole_after_a_crash(
+    broker: EmbeddedBroker, topic_prefix: str, tiny_model_path: Path, tmp_path: Path
+) -> None:
+    """A sample answered after the last ``optim_step`` is committed only once the adapter's durable mark
+    covers it (``advance_point``). So when the engine then dies with a ``forward_backward`` unsnapshotted,
+    the restarted engine resumes right at that ``forward_backward`` and re-applies it, instead of waiting
+    out ``seq_gap_timeout`` (60 s here) for a sample whose record was already committed."""
+    config = service_config_for_tests(broker.bootstrap, topic_prefix, tiny_model_path, tmp_path / "ckpt")
+    config.seq_gap_timeout = 60.0
+
+    async def main() -> None:
+        datum = Datum.from_sequence([1, *range(10, 30)], 1)
+        async with HotLoraClient(broker.bootstrap, topic_prefix=topic_prefix, request_timeout=10) as client:
+            service = EngineService(config)
+            running = await start_engine_service(service)
+            try:
+                await client.create_adapter(ADAPTER, LoraSpec(rank=4, seed=1))  # seq 1
+                await client.forward_backward(ADAPTER, [datum])  # 2
+                await client.optim_step(ADAPTER, AdamParams(learning_rate=1e-2))  # 3: snapshot
+                await client.sample(ADAPTER, [1, 2, 3], 1, SamplingParams(max_tokens=4, temperature=0.0))  # 4
+                async with asyncio.timeout(30):  # the mark moves over the sample, and its offset commits
+                    while service._durable_seq.get(ADAPTER, 0) < 4 or service._offsets.to_commit():
+                        await asyncio.sleep(0.05)
+                await client.forward_backward(ADAPTER, [datum])  # 5: applied, not durable
+            finally:
+                running.cancel()  # a crash: no drain, no shutdown checkpoint, no further commit
+                await asyncio.gather(running, return_exceptions=True)
+            restarted = EngineService(config)
+            running = await start_engine_service(restarted)
+            try:
+                started = time.monotonic()
+                stepped = await client.optim_step(ADAPTER, AdamParams(learning_rate=1e-2))  # 6
+                waited = time.monotonic() - started
+                assert stepped.version == 2
+                assert waited < 20, f"the restarted engine waited {waited:.1f} s for a sequence gap"
+            finally:
+                restarted.request_stop()
+                await asyncio.wait_for(running, 60)
 
     asyncio.run(main())

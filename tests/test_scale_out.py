@@ -1,19 +1,20 @@
 """Scale-out: engine processes share the tenants through one consumer group, as a user runs them.
 
-One scenario covers the issue's three cases in one fleet (to keep CI short): engines ``a`` and ``b``
+One scenario covers the issue's three cases in one fleet (to keep CI short). Engines ``a`` and ``b``
 (``hotlora engine`` processes, one shared checkpoint directory) serve 6 ``hotlora agent`` GRPO
-processes on the real broker; at step 2 a third engine ``c`` joins, at step 4 ``b`` is SIGKILLed. The
-checks (``hotlora.benchmarks.migration.verify``, the same the bench runs) read the agents' reported
-metrics, the engines' heartbeats and the engines' JSON logs:
+processes on the real broker. At step 2 ``b`` is SIGKILLed; at step 4 a third engine ``c`` joins (of
+12 steps: both happen while every experiment is still running). The checks (``hotlora.benchmarks.migration.verify``,
+the same the bench runs) read the agents' reported metrics, the engines' heartbeats and their JSON logs:
 
 - every experiment reported each of its steps exactly once, its version moved by one per trained step
   (a doubled ``optim_step`` would move it by two), and exactly one live engine holds its adapter;
 - no ``optim_step`` was applied twice: across all engine logs each (adapter, seq) ``optim_step`` ran
   once, except where the killed engine ran it without making it durable (its effect died with it);
 - each adapter was served by one engine at a time: spans of results from different engines never
-  overlap.
+  overlap, and no engine touched an adapter while another held it.
 
-Then: all three engines served adapters, and ``a`` or ``c`` took over every adapter ``b`` served.
+Then: all three engines served adapters, ``b``'s adapters failed over to ``a``, ``c`` took a share
+gracefully; ``hotlora status --json`` names each adapter's one engine.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from hotlora.benchmarks.migration import (
     FleetSettings,
     LocalFleet,
@@ -36,7 +39,10 @@ from hotlora.benchmarks.migration import (
     verify,
 )
 from hotlora.engine.broker import EmbeddedBroker
+from hotlora.engine.device_claim import claim_gpu
+from hotlora.engine.durability import DurableStore
 from hotlora.engine.placement import balance, partition_for
+from hotlora.engine.sequencing import Sequencer, advance_point
 
 
 def test_co_partition_plan_is_balanced_complete_and_sticky() -> None:
@@ -65,10 +71,70 @@ def test_adapter_partition_matches_the_producers_partitioner() -> None:
     assert sorted(partition_for(a, 6) for a in ids) == list(range(6))
 
 
+def test_advance_point_moves_only_over_answered_requests_that_changed_nothing() -> None:
+    assert advance_point(None, [], [(5, False)]) is None  # no snapshot: nothing to move
+    assert advance_point(3, [], [(4, False), (5, False)]) == 5
+    assert advance_point(3, [5], [(4, False), (6, False)]) == 4  # 5 still running: stop before it
+    assert advance_point(3, [], [(4, False), (5, True), (6, False)]) == 4  # 5 changed state: its snapshot moves it
+    assert advance_point(3, [], [(5, True)]) is None
+    assert advance_point(6, [], [(4, False)]) is None  # already covered
+
+
+def test_sequencer_drops_held_requests_and_forgets_moved_adapters() -> None:
+    seq: Sequencer[str] = Sequencer(gap_timeout=30.0)
+    assert seq.offer("a", 1, "a1", 0.0) == ["a1"]
+    assert seq.offer("a", 3, "a3", 0.0) == []  # waits for 2
+    seq.skip("b", 2, 0.0)
+    assert seq.drop_held() == ["a3"] and seq.held == 0
+    assert seq.offer("a", 3, "a3", 0.0) == []  # re-read after the rebalance: still in order
+    assert seq.offer("a", 2, "a2", 0.0) == ["a2", "a3"]
+    seq.forget("a")
+    assert seq.last("a") == 0
+    seq.resume("a", 8)  # a new owner starts after the adapter's snapshot
+    assert seq.offer("a", 8, "a8", 0.0) == ["a8"]
+
+
+def test_durable_mark_advances_without_rewriting_the_state(tmp_path: Path) -> None:
+    store = DurableStore(tmp_path)
+    assert store.advance("a", 5) is False  # no snapshot yet
+    snapshot = store.snapshot_path("a", 3)
+    snapshot.mkdir(parents=True)
+    (snapshot / "adapter_model.safetensors").write_bytes(b"weights")
+    store.commit("a", 3, 1, snapshot, {"r3": (3, b"reply")})
+    assert store.advance("a", 5) is True and store.advance("a", 4) is True  # never backwards
+    (current,) = store.load_all()
+    assert (current.seq, current.version, current.path, current.replies) == (5, 1, snapshot, {"r3": (3, b"reply")})
+    assert (snapshot / "adapter_model.safetensors").read_bytes() == b"weights"
+
+
+def test_each_engine_claims_a_gpu_of_its_own(tmp_path: Path) -> None:
+    first, second = claim_gpu(tmp_path, ["0", "1"]), claim_gpu(tmp_path, ["0", "1"])
+    assert (first.gpu_id, second.gpu_id) == ("0", "1")
+    with pytest.raises(RuntimeError, match="every visible GPU"):
+        claim_gpu(tmp_path, ["0", "1"])
+    first.release()
+    assert claim_gpu(tmp_path, ["0", "1"]).gpu_id == "0"  # a released (or dead) engine's GPU is free again
+    # A process that dies (SIGKILL included) lets its GPU go: the kernel drops the lock.
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; "
+         "from hotlora.engine.device_claim import claim_gpu; "
+         f"claim_gpu(Path({str(tmp_path / 'other')!r}), ['7']); print('held', flush=True); time.sleep(120)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        with pytest.raises(RuntimeError):
+            claim_gpu(tmp_path / "other", ["7"])
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+    assert claim_gpu(tmp_path / "other", ["7"]).gpu_id == "7"
+
+
 def test_engines_join_and_die_mid_run_and_every_experiment_finishes_exactly(
     broker: EmbeddedBroker, topic_prefix: str, rl_base_path: Path, tmp_path: Path
 ) -> None:
-    settings = FleetSettings(agents=6, steps=6, join_at=2, kill_at=4, timeout_s=480.0)
+    settings = FleetSettings(agents=6, steps=12, kill_at=2, join_at=4, timeout_s=480.0)
     status: dict[str, Any] = {}
 
     async def ask_status(fleet: LocalFleet) -> None:

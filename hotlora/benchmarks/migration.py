@@ -2,8 +2,9 @@
 
 The scenario, as a user runs it: engine processes ``a`` and ``b`` share one checkpoint directory and
 one consumer group on a broker; N ``hotlora agent`` GRPO processes (one experiment each, adapters
-spread over the partitions) train; when every agent has reached step ``join_at`` a third engine ``c``
-joins, and at step ``kill_at`` engine ``b`` is SIGKILLed. The agents know none of this.
+spread over the partitions) train; when every agent has reached step ``kill_at`` engine ``b`` is
+SIGKILLed, and at step ``join_at`` a third engine ``c`` joins (in step order, either may come first).
+The agents know none of this.
 
 Measured per migrated adapter, from the engines' JSON logs: the *migration pause*, from the moment the
 adapter stopped being served (graceful: the old owner's revoke began; failure: the SIGKILL) to the
@@ -46,8 +47,8 @@ from hotlora.schemas import Heartbeat, Metrics, Topics
 DOCS_INTRO = """## `hotlora bench migration`
 
 Engines `a` and `b` (processes, one consumer group, one shared checkpoint directory) serve N GRPO
-agent processes; a third engine `c` joins mid-run (graceful rebalance), later `b` is SIGKILLed
-(failure). The pause of a migrated adapter runs from the moment it stopped being served (the old
+agent processes; mid-run `b` is SIGKILLed (failure), later a third engine `c` joins (graceful
+rebalance). The pause of a migrated adapter runs from the moment it stopped being served (the old
 owner's revoke began, or the SIGKILL) to the new owner's first result for it. A failure's pause
 includes the group session timeout (`--session-timeout-ms`), the time Kafka takes to declare the
 engine dead. The run is verified as in `tests/test_scale_out.py`.
@@ -227,8 +228,8 @@ async def run_scenario(
     say: Callable[[str], None],
     before_exit: Callable[[LocalFleet], Awaitable[None]] | None = None,
 ) -> ScenarioRun:
-    """Two engines, the agents, a third engine at ``join_at``, a SIGKILL of ``b`` at ``kill_at``;
-    ``before_exit`` runs while the surviving engines still serve."""
+    """Two engines, the agents, then (in step order) a third engine at ``join_at`` and a SIGKILL of
+    ``b`` at ``kill_at``; ``before_exit`` runs while the surviving engines still serve."""
     adapter_ids = spread_adapter_ids(prefix, settings.agents, settings.partitions)
     started = time.perf_counter()
     async with running_fleet(bootstrap, prefix, model, workdir, settings) as fleet:
@@ -239,17 +240,17 @@ async def run_scenario(
         say(f"engines a and b ready; starting {len(adapter_ids)} agents x {settings.steps} steps")
         await fleet.start_agents(adapter_ids)
         live = ["a", "b"]
-        if settings.join_at:
-            await fleet.wait_for_step(settings.join_at)
-            say(f"step {settings.join_at}: engine c joins")
-            await fleet.start_engine("c")
-            live.append("c")
-            await fleet.wait_for_split(live)
-        if settings.kill_at:
-            await fleet.wait_for_step(settings.kill_at)
-            say(f"step {settings.kill_at}: SIGKILL engine b")
-            await fleet.kill("b")
-            live.remove("b")
+        events = sorted((step, what) for step, what in ((settings.join_at, "join"), (settings.kill_at, "kill")) if step)
+        for step, what in events:
+            await fleet.wait_for_step(step)
+            if what == "join":
+                say(f"step {step}: engine c joins")
+                await fleet.start_engine("c")
+                live.append("c")
+            else:
+                say(f"step {step}: SIGKILL engine b")
+                await fleet.kill("b")
+                live.remove("b")
             await fleet.wait_for_split(live)
         await fleet.wait_agents()
         if before_exit is not None:
@@ -350,12 +351,17 @@ def migration_pauses(run: ScenarioRun) -> list[dict[str, Any]]:
     """One row per adapter hand-over: from, to, cause, and the pause (see the module docstring)."""
     done = [x for x in run.lines if x.get("event") == "request_done" and x.get("adapter_id")]
     revokes = [x for x in run.lines if x.get("event") == "partitions_revoked"]
+    releases = [x for x in run.lines if x.get("event") == "adapter_released"]
     rows = []
     for adapter_id, spans in serving_runs(done).items():
         for (_, end, old), (start, _, new) in itertools.pairwise(spans):
-            began = [x["t"] - x["quiesce_s"] for x in revokes if x["engine"] == old and end <= x["t"] <= start]
-            if began:  # the old owner handed it over
-                cause, stopped = "rebalance", min(began)
+            released = [x["t"] for x in releases if x["engine"] == old and x["adapter_id"] == adapter_id]
+            released = [t for t in released if end <= t <= start]
+            if released:  # the old owner handed it over: from the start of the revoke before its release
+                began = [
+                    x["t"] - x["quiesce_s"] for x in revokes if x["engine"] == old and end <= x["t"] <= released[0]
+                ]
+                cause, stopped = "rebalance", min(began, default=end)
             elif old in run.killed and end <= run.killed[old] <= start:
                 cause, stopped = "failure", run.killed[old]
             else:  # no record of why (should not happen): measured from its last result
@@ -387,7 +393,7 @@ def markdown_section(result: dict[str, Any]) -> str:
         f"### migration: {result['timestamp']}\n\n"
         f"- command: `{result['command']}`\n- commit: `{result['commit']}`\n"
         f"- machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}; broker: embedded Tansu\n"
-        f"- fleet: engines a, b (+ c at step {result['join_at']}, b SIGKILLed at step {result['kill_at']}), "
+        f"- fleet: engines a, b (b SIGKILLed at step {result['kill_at']}, c joins at step {result['join_at']}), "
         f"{result['agents']} GRPO agents x {result['steps']} steps, {result['partitions']} partitions, "
         f"session timeout {result['session_timeout_ms']} ms; run took {result['seconds']:.0f} s; "
         f"verified: {'yes' if not result['problems'] else 'NO: ' + '; '.join(result['problems'])}\n\n"
@@ -400,9 +406,9 @@ def markdown_section(result: dict[str, Any]) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--agents", type=int, default=6, help="GRPO agent processes (default 6)")
-    parser.add_argument("--steps", type=int, default=8, help="steps per experiment (default 8)")
-    parser.add_argument("--join-at", type=int, default=2, help="step at which engine c joins (default 2; 0: never)")
-    parser.add_argument("--kill-at", type=int, default=5, help="step at which b is SIGKILLed (default 5; 0: never)")
+    parser.add_argument("--steps", type=int, default=14, help="steps per experiment (default 14)")
+    parser.add_argument("--kill-at", type=int, default=3, help="step at which b is SIGKILLed (default 3; 0: never)")
+    parser.add_argument("--join-at", type=int, default=6, help="step at which engine c joins (default 6; 0: never)")
     parser.add_argument("--session-timeout-ms", type=int, default=2000, help="consumer group session (default 2000)")
     parser.add_argument("--model", default=None, help="base model directory (default: the pretrained RL base)")
     parser.add_argument("--json", action="store_true", help="print the results as one JSON object on stdout")

@@ -1,0 +1,105 @@
+"""The Kafka plumbing ``record`` and ``tail`` share: a group-less consumer and topic patterns.
+
+Both read without a consumer group (``group_id=None``, partitions assigned directly): a debugging tool
+must never take partitions away from the engine's group or commit offsets in anyone's name. Topics are
+named exactly or by shell-style pattern (``run1.*``), because agents' reply topics
+(``<prefix>.replies.<client>``) are only known once the agents have started.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Sequence
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+
+from hotlora.engine.kafka_security import kafka_kwargs
+from hotlora.replay.format import Record
+
+MAX_FETCH_BYTES = 64 * 1024 * 1024  # a forward_backward of long rollouts is far above Kafka's 1 MiB default
+
+
+class TopicNotFound(LookupError):
+    pass
+
+
+def to_record(consumed: ConsumerRecord[Any, Any]) -> Record:
+    """An ``.hlr`` record of a consumed Kafka record: raw key, value and headers, untouched."""
+    return Record(
+        topic=consumed.topic,
+        partition=consumed.partition,
+        offset=consumed.offset,
+        timestamp=consumed.timestamp if consumed.timestamp is not None else -1,
+        key=consumed.key,
+        value=consumed.value,
+        headers=[(k, bytes(v)) for k, v in consumed.headers or ()],
+    )
+
+
+def group_less_consumer(bootstrap: str, fetch_max_wait_ms: int = 50) -> AIOKafkaConsumer:
+    """Reads any partition it is assigned; TLS/SASL from the ``HOTLORA_*`` variables, like every client.
+
+    ``fetch_max_wait_ms`` is short because Tansu answers an empty fetch only when the wait expires.
+    """
+    return AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        group_id=None,
+        enable_auto_commit=False,
+        fetch_max_wait_ms=fetch_max_wait_ms,
+        fetch_max_bytes=MAX_FETCH_BYTES,
+        max_partition_fetch_bytes=MAX_FETCH_BYTES,
+        **kafka_kwargs(),
+    )
+
+
+def is_pattern(name: str) -> bool:
+    return any(c in name for c in "*?[")
+
+
+def match_topics(available: Sequence[str], patterns: Sequence[str], *, strict: bool = True) -> list[str]:
+    """The available topics each name or pattern selects, sorted. With ``strict``, a plain name that
+    does not exist, or a pattern that selects nothing, is an error (a typo should not record nothing)."""
+    chosen: set[str] = set()
+    for pattern in patterns:
+        if is_pattern(pattern):
+            hits = [t for t in available if fnmatch.fnmatchcase(t, pattern) and not t.startswith("__")]
+        else:
+            hits = [pattern] if pattern in available else []
+        if not hits and strict:
+            raise TopicNotFound(f"no topic matches {pattern!r}" if is_pattern(pattern) else f"no topic {pattern!r}")
+        chosen.update(hits)
+    return sorted(chosen)
+
+
+async def partitions_of(
+    consumer: AIOKafkaConsumer, bootstrap: str, patterns: Sequence[str], *, strict: bool = True
+) -> list[TopicPartition]:
+    """Every partition of the topics the patterns select, with fresh metadata.
+
+    A topic created after the consumer started is listed by ``topics()`` but unknown to the consumer's
+    own metadata (``partitions_for_topic`` is None), so its partitions come from the admin client.
+    """
+    available = sorted(await consumer.topics())
+    chosen = match_topics(available, patterns, strict=strict)
+    unknown = [t for t in chosen if not consumer.partitions_for_topic(t)]
+    described = await _describe_partitions(bootstrap, unknown) if unknown else {}
+    found: list[TopicPartition] = []
+    for topic in chosen:
+        numbers = consumer.partitions_for_topic(topic) or described.get(topic, ())
+        found += [TopicPartition(topic, p) for p in sorted(numbers)]
+    return found
+
+
+async def _describe_partitions(bootstrap: str, topics: list[str]) -> dict[str, list[int]]:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, **kafka_kwargs())
+    await admin.start()
+    try:
+        return {
+            d["topic"]: [p["partition"] for p in d["partitions"]]
+            for d in await admin.describe_topics(topics)
+            if d.get("error_code", 0) == 0
+        }
+    finally:
+        await admin.close()
