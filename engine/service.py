@@ -440,6 +440,9 @@ class EngineService:
             except Exception as err:  # a tenant's request must never take the edge down
                 log.exception("request_crashed")
                 result = err
+            if self.fenced:  # the engine stopped mid-rebalance: the new owner answers this request, not us
+                log.info("request_abandoned", type=wire.tag_of(type(message)), seq=message.seq)
+                return
             result = self.owners.settle(message, result)
             if isinstance(result, OptimStepOutput) and result.state is not None:
                 self._spawn(self._persist(message.adapter_id, message.seq, result.state))

@@ -28,7 +28,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiokafka import AIOKafkaConsumer
 
+from hotlora.agents import HotLoraClient
 from hotlora.benchmarks.migration import (
     FleetSettings,
     LocalFleet,
@@ -41,8 +43,14 @@ from hotlora.benchmarks.migration import (
 from hotlora.engine.broker import EmbeddedBroker
 from hotlora.engine.device_claim import claim_gpu
 from hotlora.engine.durability import DurableStore
-from hotlora.engine.placement import balance, partition_for
+from hotlora.engine.kafka_admin import log_end_offsets
+from hotlora.engine.placement import CoPartitionAssignor, balance, partition_for
+from hotlora.engine.sampler import SamplingParams
 from hotlora.engine.sequencing import Sequencer, advance_point
+from hotlora.engine.service import EngineService
+from hotlora.engine.types import LoraSpec
+from hotlora.schemas import Topics
+from tests.helpers import service_config_for_tests, start_engine_service
 
 
 def test_co_partition_plan_is_balanced_complete_and_sticky() -> None:
@@ -171,3 +179,59 @@ def test_status_needs_a_broker() -> None:
         env={k: v for k, v in os.environ.items() if k != "HOTLORA_BOOTSTRAP"},
     )  # fmt: skip
     assert result.returncode != 0 and "HOTLORA_BOOTSTRAP" in result.stderr
+
+
+def test_an_engine_that_cannot_release_in_time_fences_itself(
+    broker: EmbeddedBroker, topic_prefix: str, tiny_model_path: Path, tmp_path: Path
+) -> None:
+    """A rebalance the engine cannot quiesce within ``rebalance_timeout_ms`` (a long sample queue here)
+    must not leave it serving beside the new owner: it stops its engine, answers nothing more, commits
+    nothing more, and ``run`` returns with ``fenced`` set. The unanswered requests stay uncommitted, so
+    the member that joined reads every one of them again."""
+    config = service_config_for_tests(
+        broker.bootstrap, topic_prefix, tiny_model_path, tmp_path / "ckpt", rebalance_timeout_ms=2000
+    )
+    params = SamplingParams(max_tokens=200, temperature=1.0, seed=1)
+
+    async def main() -> None:
+        service = EngineService(config)
+        running = await start_engine_service(service)
+        joiner = AIOKafkaConsumer(
+            bootstrap_servers=broker.bootstrap,
+            group_id=config.consumer_group,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            session_timeout_ms=2000,
+            heartbeat_interval_ms=300,
+            partition_assignment_strategy=(CoPartitionAssignor(),),
+        )
+        try:
+            async with HotLoraClient(broker.bootstrap, topic_prefix=topic_prefix, request_timeout=120) as client:
+                await client.create_adapter("slow", LoraSpec(rank=4, seed=1))
+                samples = [asyncio.create_task(client.sample("slow", [1, 2, 3], 16, params)) for _ in range(24)]
+                async with asyncio.timeout(60):  # the engine is busy with the queue
+                    while not service.engine or not service.engine.scheduler.running_rows:
+                        await asyncio.sleep(0.05)
+                joiner.subscribe(list(Topics(topic_prefix).requests()))
+                await joiner.start()
+                await asyncio.wait_for(running, 60)  # fenced: run() returns without a graceful drain
+                assert service.fenced
+                answered = sum(task.done() and not task.cancelled() for task in samples)
+                assert answered < len(samples), "the queue should have outlasted the rebalance timeout"
+                async with asyncio.timeout(60):  # the joiner holds every partition now
+                    while len(joiner.assignment()) < len(Topics(topic_prefix).requests()) * config.partitions:
+                        await joiner.getmany(timeout_ms=100)
+                rollout = [tp for tp in joiner.assignment() if tp.topic == Topics(topic_prefix).rollout]
+                committed = sum([await joiner.committed(tp) or 0 for tp in rollout])
+                ends = sum((await log_end_offsets(broker.bootstrap, rollout)).values())
+                assert ends - committed >= len(samples) - answered  # nothing unanswered was committed
+                for task in samples:
+                    task.cancel()
+                await asyncio.gather(*samples, return_exceptions=True)
+        finally:
+            await joiner.stop()
+            if not running.done():
+                running.cancel()
+                await asyncio.gather(running, return_exceptions=True)
+
+    asyncio.run(main())
