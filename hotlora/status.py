@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import time
 from dataclasses import asdict, dataclass
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -79,22 +81,22 @@ async def collect(bootstrap: str, topic_prefix: str, window_s: float) -> list[En
 
 
 def render(views: list[EngineView], console: Console) -> None:
-    engines = Table(title="engines")
-    for column in ("engine", "state", "seen", "partitions", "adapters", "resident / slots", "rows", "queued"):
-        engines.add_column(column)
+    engines = Table(title="engines", box=box.SIMPLE_HEAD)
+    for column in ("engine", "state", "seen", "partitions", "adapters", "resident", "rows", "queued"):
+        engines.add_column(column, no_wrap=True)
     for v in views:
         engines.add_row(
             v.engine_id,
             v.state,
-            f"{v.last_seen_s:.1f}s ago",
+            f"{v.last_seen_s:.1f}s",
             ",".join(map(str, v.partitions)) or "-",
             str(len(v.adapters)),
-            f"{v.resident_adapters} / {v.resident_slots}",
-            f"{v.running_rows} / {v.max_decode_rows}",
+            f"{v.resident_adapters}/{v.resident_slots}",
+            f"{v.running_rows}/{v.max_decode_rows}",
             str(v.queued_requests),
         )
     console.print(engines)
-    placement = Table(title="adapters")
+    placement = Table(title="adapters", box=box.SIMPLE_HEAD)
     placement.add_column("adapter")
     placement.add_column("engine")
     for adapter_id, engine_ids in owners(views).items():
@@ -107,7 +109,7 @@ def main(bootstrap: str, topic_prefix: str, window_s: float, as_json: bool) -> i
     if as_json:
         print(json.dumps({"engines": [asdict(v) for v in views], "adapters": owners(views)}, indent=1))
     else:
-        render(views, Console())
+        render(views, Console(width=None if sys.stdout.isatty() else 160))  # a pipe or a log: no wrapping
         if not views:
             print(f"no live engine (no heartbeat in the last {window_s:g} s on {topic_prefix}.metrics)")
     return 0

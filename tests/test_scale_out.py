@@ -49,7 +49,8 @@ from hotlora.engine.sampler import SamplingParams
 from hotlora.engine.sequencing import Sequencer, advance_point
 from hotlora.engine.service import EngineService
 from hotlora.engine.types import LoraSpec
-from hotlora.schemas import Topics
+from hotlora.schemas import Heartbeat, Metrics, Topics
+from hotlora.status import fold, owners
 from tests.helpers import service_config_for_tests, start_engine_service
 
 
@@ -137,6 +138,22 @@ def test_each_engine_claims_a_gpu_of_its_own(tmp_path: Path) -> None:
         holder.kill()
         holder.wait(timeout=30)
     assert claim_gpu(tmp_path / "other", ["7"]).gpu_id == "7"
+
+
+def test_status_folds_each_engines_latest_heartbeat() -> None:
+    def beat(engine_id: str, at: int, adapters: list[str], state: str = "running") -> Heartbeat:
+        return Heartbeat(engine_id=engine_id, sent_at_ms=at, adapters=adapters, partitions=[0], state=state)
+
+    events = [
+        beat("a", 1_000, ["x", "y"]),
+        beat("a", 9_000, ["x"]),  # the latest wins: y moved away
+        beat("b", 8_000, ["y"]),
+        beat("c", 9_500, ["z"], state="stopped"),  # a clean stop: not live
+        beat("d", 1_000, ["w"]),  # silent for longer than the window: not live
+    ]
+    views = fold([*events, Metrics(experiment="x", task="t", step=1)], now_ms=10_000, window_s=5.0)
+    assert [v.engine_id for v in views] == ["a", "b"]
+    assert owners(views) == {"x": ["a"], "y": ["b"]}
 
 
 def test_engines_join_and_die_mid_run_and_every_experiment_finishes_exactly(
