@@ -111,7 +111,7 @@ def test_bench_experiments_end_to_end(tmp_path: Path, tiny_model_path: Path, bro
     assert result["commit"] and result["machine"]["cores"] and result["n_experiments"] == 2
 
 
-@pytest.mark.parametrize("script", ["gpu_experiments", "gpu_vllm"])
+@pytest.mark.parametrize("script", ["gpu_experiments", "gpu_vllm", "gpu_claim"])
 def test_gpu_script_skips_cleanly_without_cuda(script: str, capsys: pytest.CaptureFixture[str]) -> None:
     import importlib.util
 
