@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import IO
 
 import msgspec
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer, TopicPartition
 
-from hotlora.engine.kafka_admin import log_end_offsets
+from hotlora.engine.kafka_admin import group_less_consumer, log_end_offsets
 from hotlora.engine.kafka_security import kafka_kwargs
 from hotlora.schemas import Message, Metrics, SchemaError, Topics, decode, encode, key_for
 
@@ -74,7 +74,7 @@ async def read_events(bootstrap: str, topic_prefix: str = "hotlora", since_ms: i
     end offsets seen at the start; ``since_ms`` starts at the first record the broker stored at or after
     that time (arrival time), else at the beginning. Undecodable records are skipped."""
     topic = Topics(topic_prefix).metrics
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False, **kafka_kwargs())
+    consumer = group_less_consumer(bootstrap)
     await consumer.start()
     try:
         await consumer.topics()

@@ -17,6 +17,8 @@ from aiokafka.errors import TopicAlreadyExistsError, for_code
 from hotlora.engine.kafka_security import kafka_kwargs
 from hotlora.schemas.topics import Topics
 
+MAX_FETCH_BYTES = 64 * 1024 * 1024  # a forward_backward of long rollouts is far above Kafka's 1 MiB default
+
 
 def _admin(bootstrap: str, security: Mapping[str, Any] | None) -> AIOKafkaAdminClient:
     return AIOKafkaAdminClient(bootstrap_servers=bootstrap, **(kafka_kwargs() if security is None else security))
@@ -75,6 +77,22 @@ async def list_topics(
     return sorted(n for n in names if prefix is None or n.startswith(f"{prefix}."))
 
 
+def group_less_consumer(bootstrap: str, fetch_max_wait_ms: int = 50) -> AIOKafkaConsumer:
+    """Reads any partition it is assigned; TLS/SASL from the ``HOTLORA_*`` variables, like every client.
+
+    ``fetch_max_wait_ms`` is short because Tansu answers an empty fetch only when the wait expires.
+    """
+    return AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        group_id=None,
+        enable_auto_commit=False,
+        fetch_max_wait_ms=fetch_max_wait_ms,
+        fetch_max_bytes=MAX_FETCH_BYTES,
+        max_partition_fetch_bytes=MAX_FETCH_BYTES,
+        **kafka_kwargs(),
+    )
+
+
 async def log_end_offsets(
     bootstrap: str, partitions: Sequence[TopicPartition], timeout: float = 10.0
 ) -> dict[TopicPartition, int]:
@@ -88,9 +106,7 @@ async def log_end_offsets(
     """
     if not partitions:
         return {}
-    probe = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False, fetch_max_wait_ms=10, **kafka_kwargs()
-    )
+    probe = group_less_consumer(bootstrap, fetch_max_wait_ms=10)
     await probe.start()
     try:
         listed = await probe.end_offsets(list(partitions))

@@ -178,13 +178,9 @@ class MetricsFeed:
         self._ends: dict[Any, int] = {}
 
     async def __aenter__(self) -> MetricsFeed:
-        from aiokafka import AIOKafkaConsumer
+        from hotlora.engine.kafka_admin import group_less_consumer
 
-        from hotlora.engine.kafka_security import kafka_kwargs
-
-        self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.bootstrap, group_id=None, enable_auto_commit=False, **kafka_kwargs()
-        )
+        self._consumer = group_less_consumer(self.bootstrap)
         await self._consumer.start()
         return self
 
@@ -197,6 +193,8 @@ class MetricsFeed:
         """Assign the topic's partitions and seek back ``lookback_s``; False while the topic does not exist."""
         from aiokafka import TopicPartition
 
+        from hotlora.engine.kafka_admin import log_end_offsets
+
         consumer = self._consumer
         if consumer.assignment():
             return True
@@ -206,7 +204,7 @@ class MetricsFeed:
         if not partitions:
             return False
         consumer.assign(partitions)
-        self._ends = await consumer.end_offsets(partitions)
+        self._ends = await log_end_offsets(self.bootstrap, partitions)  # Tansu's end_offsets can read short
         since_ms = int((time.time() - self.lookback_s) * 1000)
         starts = await consumer.offsets_for_times({tp: since_ms for tp in partitions})
         for tp in partitions:

@@ -1,7 +1,8 @@
-"""The Kafka plumbing ``record`` and ``tail`` share: a group-less consumer and topic patterns.
+"""The Kafka plumbing ``record`` and ``tail`` share: topic patterns and ``.hlr`` records of consumed ones.
 
-Both read without a consumer group (``group_id=None``, partitions assigned directly): a debugging tool
-must never take partitions away from the engine's group or commit offsets in anyone's name. Topics are
+Both read with ``engine.kafka_admin.group_less_consumer`` (no consumer group, partitions assigned
+directly): a debugging tool must never take partitions away from the engine's group or commit offsets
+in anyone's name. Topics are
 named exactly or by shell-style pattern (``run1.*``), because agents' reply topics
 (``<prefix>.replies.<client>``) are only known once the agents have started.
 """
@@ -18,8 +19,6 @@ from aiokafka.admin import AIOKafkaAdminClient
 from hotlora.engine.kafka_security import kafka_kwargs
 from hotlora.replay.format import Record
 
-MAX_FETCH_BYTES = 64 * 1024 * 1024  # a forward_backward of long rollouts is far above Kafka's 1 MiB default
-
 
 class TopicNotFound(LookupError):
     pass
@@ -35,22 +34,6 @@ def to_record(consumed: ConsumerRecord[Any, Any]) -> Record:
         key=consumed.key,
         value=consumed.value,
         headers=[(k, bytes(v)) for k, v in consumed.headers or ()],
-    )
-
-
-def group_less_consumer(bootstrap: str, fetch_max_wait_ms: int = 50) -> AIOKafkaConsumer:
-    """Reads any partition it is assigned; TLS/SASL from the ``HOTLORA_*`` variables, like every client.
-
-    ``fetch_max_wait_ms`` is short because Tansu answers an empty fetch only when the wait expires.
-    """
-    return AIOKafkaConsumer(
-        bootstrap_servers=bootstrap,
-        group_id=None,
-        enable_auto_commit=False,
-        fetch_max_wait_ms=fetch_max_wait_ms,
-        fetch_max_bytes=MAX_FETCH_BYTES,
-        max_partition_fetch_bytes=MAX_FETCH_BYTES,
-        **kafka_kwargs(),
     )
 
 

@@ -29,9 +29,9 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from hotlora.engine.kafka_admin import log_end_offsets
+from hotlora.engine.kafka_admin import group_less_consumer, log_end_offsets
 from hotlora.replay.format import Header, HlrWriter, Record
-from hotlora.replay.kafka import group_less_consumer, partitions_of, to_record
+from hotlora.replay.kafka import partitions_of, to_record
 
 PROGRESS_MIN_RECORDS = 1000  # below this a recording takes a blink; a bar would only flicker
 FOLLOW_REFRESH_S = 1.0  # how often --follow looks for new topics matching a pattern

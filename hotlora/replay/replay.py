@@ -41,10 +41,10 @@ import msgspec
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from hotlora.engine.broker import EmbeddedBroker
-from hotlora.engine.kafka_admin import create_topics, ensure_topics
+from hotlora.engine.kafka_admin import create_topics, ensure_topics, group_less_consumer
 from hotlora.engine.kafka_security import kafka_kwargs
 from hotlora.replay.format import Header, HlrWriter, Record, read_file
-from hotlora.replay.kafka import group_less_consumer, to_record
+from hotlora.replay.kafka import to_record
 from hotlora.replay.messages import Contents, decode_record, read_contents
 from hotlora.schemas import messages as wire
 from hotlora.schemas.codec import encode
