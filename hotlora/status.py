@@ -18,7 +18,8 @@ from rich.console import Console
 from rich.table import Table
 
 from hotlora.agents.metrics import read_events
-from hotlora.schemas import Heartbeat
+from hotlora.schemas import Message
+from hotlora.top import TopState
 
 
 @dataclass(frozen=True)
@@ -36,33 +37,26 @@ class EngineView:
 
 
 def fold(events: list[object], now_ms: int, window_s: float) -> list[EngineView]:
-    """The latest heartbeat of each engine seen within ``window_s``, stopped engines left out."""
-    latest: dict[str, Heartbeat] = {}
+    """The latest heartbeat (by send time) of each engine seen within ``window_s``, stopped ones left out."""
+    state = TopState()
     for event in events:
-        if isinstance(event, Heartbeat):
-            seen = latest.get(event.engine_id)
-            if seen is None or event.sent_at_ms >= seen.sent_at_ms:
-                latest[event.engine_id] = event
-    views = []
-    for engine_id, beat in sorted(latest.items()):
-        age = (now_ms - beat.sent_at_ms) / 1000
-        if age > window_s or beat.state == "stopped":
-            continue
-        views.append(
-            EngineView(
-                engine_id=engine_id,
-                state=beat.state,
-                last_seen_s=round(max(age, 0.0), 1),
-                partitions=list(beat.partitions),
-                adapters=list(beat.adapters),
-                resident_slots=beat.resident_slots,
-                resident_adapters=beat.resident_adapters,
-                running_rows=beat.running_rows,
-                max_decode_rows=beat.max_decode_rows,
-                queued_requests=beat.queued_requests,
-            )
+        if isinstance(event, Message):
+            state.fold(event)
+    return [
+        EngineView(
+            engine_id=beat.engine_id,
+            state=beat.state,
+            last_seen_s=round(max((now_ms - beat.sent_at_ms) / 1000, 0.0), 1),
+            partitions=list(beat.partitions),
+            adapters=list(beat.adapters),
+            resident_slots=beat.resident_slots,
+            resident_adapters=beat.resident_adapters,
+            running_rows=beat.running_rows,
+            max_decode_rows=beat.max_decode_rows,
+            queued_requests=beat.queued_requests,
         )
-    return views
+        for beat in state.live_engines(now_ms, window_s)
+    ]
 
 
 def owners(views: list[EngineView]) -> dict[str, list[str]]:

@@ -43,6 +43,7 @@ from hotlora.engine.broker import EmbeddedBroker
 from hotlora.engine.kafka_admin import ensure_topics
 from hotlora.engine.placement import partition_for
 from hotlora.schemas import Heartbeat, Metrics, Topics
+from hotlora.top import TopState
 
 DOCS_INTRO = """## `hotlora bench migration`
 
@@ -131,12 +132,12 @@ class LocalFleet:
                 raise RuntimeError(f"agent {adapter_id} exited {code}:\n{self.log(adapter_id).read_text()[-3000:]}")
 
     async def heartbeats(self) -> dict[str, Heartbeat]:
-        """Each engine's latest heartbeat."""
-        latest: dict[str, Heartbeat] = {}
+        """Each engine's latest heartbeat, by send time: heartbeats carry no key, so they spread over
+        partitions and arrive out of order."""
+        state = TopState()
         for event in await read_events(self.bootstrap, self.prefix):
-            if isinstance(event, Heartbeat):
-                latest[event.engine_id] = event
-        return latest
+            state.fold(event)
+        return state.heartbeats
 
     async def wait_for(self, what: str, predicate: Callable[[], Awaitable[bool]], poll: float = 0.3) -> None:
         """Poll until true; fail loudly (with the engines' log tails) after the scenario's bound."""
