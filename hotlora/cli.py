@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 from collections.abc import Sequence
@@ -181,6 +182,39 @@ def _cmd_bench_soak(args: argparse.Namespace) -> int:
     return bench_soak_main(args)
 
 
+def _cmd_bench_migration(args: argparse.Namespace) -> int:
+    from hotlora.benchmarks.migration import main as bench_migration_main
+
+    return bench_migration_main(args)
+
+
+# `hotlora bench NAME`: each module hotlora.benchmarks.NAME has add_arguments(parser) and main(args).
+BENCHES = (
+    ("core", "mixed vs looped vs single-adapter forward/backward, and decode", _cmd_bench_core),
+    ("hop", "a tiny request through Kafka vs in process: p50 and p99", _cmd_bench_hop),
+    (
+        "experiments",
+        "N RL experiments cold / warm one at a time vs all at once on one hot engine",
+        _cmd_bench_experiments,
+    ),
+    (
+        "sampler",
+        "native vs vLLM sampler: decode tokens/s over k adapters and one RL step with weight sync",
+        _cmd_bench_sampler,
+    ),
+    (
+        "soak",
+        "N tenants' mixed RL loop for M minutes: the engine's RSS over time, answered requests, errors",
+        _cmd_bench_soak,
+    ),
+    (
+        "migration",
+        "engines join and die under N agents: each migrated adapter's pause, verified run",
+        _cmd_bench_migration,
+    ),
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hotlora", description="An always-hot engine for multi-LoRA RL.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -298,45 +332,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="benchmarks (results go to docs/benchmarks.md)")
     bench_commands = bench.add_subparsers(dest="bench_command", required=True)
-    core = bench_commands.add_parser("core", help="mixed vs looped vs single-adapter forward/backward, and decode")
-    from hotlora.benchmarks.core import add_arguments as add_core_arguments
-
-    add_core_arguments(core)
-    core.set_defaults(func=_cmd_bench_core)
-    hop = bench_commands.add_parser("hop", help="a tiny request through Kafka vs in process: p50 and p99")
-    from hotlora.benchmarks.hop import add_arguments as add_hop_arguments
-
-    add_hop_arguments(hop)
-    hop.set_defaults(func=_cmd_bench_hop)
-    experiments = bench_commands.add_parser(
-        "experiments", help="N RL experiments cold / warm one at a time vs all at once on one hot engine"
-    )
-    from hotlora.benchmarks.experiments import add_arguments as add_experiments_arguments
-
-    add_experiments_arguments(experiments)
-    experiments.set_defaults(func=_cmd_bench_experiments)
-    sampler = bench_commands.add_parser(
-        "sampler", help="native vs vLLM sampler: decode tokens/s over k adapters and one RL step with weight sync"
-    )
-    from hotlora.benchmarks.sampler import add_arguments as add_sampler_arguments
-
-    add_sampler_arguments(sampler)
-    sampler.set_defaults(func=_cmd_bench_sampler)
-    soak = bench_commands.add_parser(
-        "soak", help="N tenants' mixed RL loop for M minutes: the engine's RSS over time, answered requests, errors"
-    )
-    from hotlora.benchmarks.soak import add_arguments as add_soak_arguments
-
-    add_soak_arguments(soak)
-    soak.set_defaults(func=_cmd_bench_soak)
-    migration = bench_commands.add_parser(
-        "migration", help="engines join and die under N agents: each migrated adapter's pause, verified run"
-    )
-    from hotlora.benchmarks.migration import add_arguments as add_migration_arguments
-    from hotlora.benchmarks.migration import main as bench_migration_main
-
-    add_migration_arguments(migration)
-    migration.set_defaults(func=bench_migration_main)
+    for name, text, command in BENCHES:
+        sub = bench_commands.add_parser(name, help=text)
+        importlib.import_module(f"hotlora.benchmarks.{name}").add_arguments(sub)
+        sub.set_defaults(func=command)
     return parser
 
 
