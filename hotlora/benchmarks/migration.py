@@ -286,7 +286,7 @@ def verify(run: ScenarioRun, steps: int) -> list[str]:
             expected = 1 if after.groups > after.skipped_groups else 0
             if after.version - before.version != expected:
                 problems.append(f"{adapter_id} step {after.step}: version {before.version} -> {after.version}")
-    done = [x for x in run.lines if x.get("event") == "request_done" and x.get("adapter_id")]
+    done = results(run)
     durable = {(x["engine"], x["adapter_id"], x["seq"]) for x in run.lines if x.get("event") == "snapshot_written"}
     ran: dict[tuple[str, int], list[str]] = {}
     for x in done:
@@ -340,17 +340,21 @@ def serving_runs(done: list[dict[str, Any]]) -> dict[str, list[tuple[float, floa
     return runs
 
 
+def results(run: ScenarioRun) -> list[dict[str, Any]]:
+    """The engines' ``request_done`` log lines of requests on an adapter, in time order."""
+    return [x for x in run.lines if x.get("event") == "request_done" and x.get("adapter_id")]
+
+
 def served_by(run: ScenarioRun) -> dict[str, set[str]]:
     served: dict[str, set[str]] = {}
-    for x in run.lines:
-        if x.get("event") == "request_done" and x.get("adapter_id"):
-            served.setdefault(x["engine"], set()).add(x["adapter_id"])
+    for x in results(run):
+        served.setdefault(x["engine"], set()).add(x["adapter_id"])
     return served
 
 
 def migration_pauses(run: ScenarioRun) -> list[dict[str, Any]]:
     """One row per adapter hand-over: from, to, cause, and the pause (see the module docstring)."""
-    done = [x for x in run.lines if x.get("event") == "request_done" and x.get("adapter_id")]
+    done = results(run)
     revokes = [x for x in run.lines if x.get("event") == "partitions_revoked"]
     releases = [x for x in run.lines if x.get("event") == "adapter_released"]
     rows = []
