@@ -161,10 +161,8 @@ class EngineService:
         self.owned: set[int] | None = None
         self._adopted = asyncio.Event()
         self._early: list[tuple[TopicPartition, ConsumerRecord[Any, Any]]] = []
-        self.migrations: list[dict[str, Any]] = []  # per adapter acquired: seq, version, load seconds
         self.device_claim: DeviceClaim | None = None  # --device cuda:claim: held until the process exits
         self.fenced = False  # stopped mid-rebalance (``_fence``): exit without serving or checkpointing
-        self.snapshot_seconds: list[float] = []  # each snapshot's cost, for logs and benchmarks
         self._snapshot_locks: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._background: list[asyncio.Task[Any]] = []
@@ -559,7 +557,6 @@ class EngineService:
         self._sequencer.forget(saved.adapter_id)
         self._sequencer.resume(saved.adapter_id, saved.seq + 1)
         seconds = time.perf_counter() - started
-        self.migrations.append({"adapter_id": saved.adapter_id, "seq": saved.seq, "load_s": seconds})
         if self.metrics is not None:
             self.metrics.adopt(saved.adapter_id, saved.version)
         log.info("adapter_acquired", adapter_id=saved.adapter_id, seq=saved.seq, version=saved.version, load_s=seconds)
@@ -586,9 +583,9 @@ class EngineService:
             return False
         if message.seq > self._durable_seq.get(message.adapter_id, 0):
             return False
-        stored = self._replies.get(message.adapter_id, {}).get(message.request_id)
+        stored = self._stored_reply(message)
         if stored is not None:
-            reply = decode(stored[1])
+            reply = stored
         else:
             reply = wire.Error(
                 request_id=message.request_id,
@@ -739,10 +736,10 @@ class EngineService:
             log.warning("snapshot_abandoned", adapter_id=adapter_id, seq=seq, error=str(err))
             self._settle(adapter_id, seq)
             return
-        self.snapshot_seconds.append(time.perf_counter() - started)
+        seconds = time.perf_counter() - started
         self._durable_seq[adapter_id] = max(seq, self._durable_seq.get(adapter_id, 0))
         self._settle(adapter_id, seq)
-        log.info("snapshot_written", adapter_id=adapter_id, seq=seq, version=version, seconds=self.snapshot_seconds[-1])
+        log.info("snapshot_written", adapter_id=adapter_id, seq=seq, version=version, seconds=seconds)
 
     def _settle(self, adapter_id: str, seq: int) -> None:
         """Everything of the adapter up to ``seq`` is durable (or had no effect): its offsets may commit."""
