@@ -43,7 +43,7 @@ class GrpoConfig:
     learning_rate: float = 3e-3
     loss: str = "importance_sampling"  # or "ppo"
     std_normalize: bool = False
-    eval_every: int = 10
+    eval_every: int = 10  # 0: no held-out evals at all (throughput runs on random-init shapes)
     eval_samples: int = 4  # completions per held-out prompt for the eval reward
     temperature: float = 1.0
     max_tokens: int = 16
@@ -179,7 +179,7 @@ async def run_grpo(
         await emit(Metrics(adapter_id=cfg.adapter_id, experiment=cfg.adapter_id, task=task, step=step, **fields))
 
     version = start_version
-    if start_step == 0:
+    if start_step == 0 and cfg.eval_every > 0:
         await report(0, schedule.task_at(0), **await evaluate(0))
     for step in range(start_step, cfg.steps):
         start = time.perf_counter()
@@ -222,7 +222,8 @@ async def run_grpo(
         if schedule.phase_ends_at(step) and len(schedule.phases) > 1:  # a continual run keeps each phase's adapter
             path = f"{cfg.checkpoint_dir}/{cfg.adapter_id}/phase-{schedule.phase_index(step)}-{task.name}"
             fields["checkpoint"] = (await client.save_state(cfg.adapter_id, path)).path
-        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps or "checkpoint" in fields:
+        evals = cfg.eval_every > 0
+        if evals and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps or "checkpoint" in fields):
             fields = await evaluate(step + 1, **fields)
         await report(step + 1, task.name, **fields)
 

@@ -20,7 +20,6 @@ import json
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -52,17 +51,20 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     gpus = torch.cuda.device_count()
     with tempfile.TemporaryDirectory(prefix="hotlora-claim-") as locks:
-        children = []
-        for index in range(gpus + 1):
-            hold = str(30 + 5 * (gpus - index))  # earlier claimants hold longer, so all overlap
-            children.append(
-                subprocess.Popen([sys.executable, "-c", CHILD, locks, hold], stdout=subprocess.PIPE, text=True)
-            )
-            time.sleep(0.5)  # claims in a known order: the last one finds every GPU taken
-        reports = [json.loads(child.stdout.readline()) for child in children if child.stdout is not None]
-        for child in children:
-            child.kill()
-            child.wait()
+        children: list[subprocess.Popen[str]] = []
+        reports = []
+        try:
+            for _ in range(gpus + 1):
+                # Each claimant reports only once it holds its GPU, and holds it until killed below, so
+                # the claims happen in a known order and all overlap: the last one finds every GPU taken.
+                child = subprocess.Popen([sys.executable, "-c", CHILD, locks, "600"], stdout=subprocess.PIPE, text=True)
+                children.append(child)
+                assert child.stdout is not None
+                reports.append(json.loads(child.stdout.readline()))
+        finally:
+            for child in children:
+                child.kill()
+                child.wait()
         again = subprocess.run([sys.executable, "-c", CHILD, locks, "0"], capture_output=True, text=True, timeout=300)
     claimed = [r["claimed"] for r in reports[:gpus]]
     result = {

@@ -1,15 +1,20 @@
-"""``hotlora bench experiments`` on a GPU: cold vs warm vs concurrent throughput with a ~1B Llama-shaped model.
+"""``hotlora bench experiments`` on a GPU: cold vs warm vs concurrent GRPO throughput at a real shape.
 
-The model is a random-init Llama of Llama-3.2-1B's shape (16 layers, hidden 2048, GQA 32/8, vocab
-128256) in bf16, written to a temporary directory with the engine's byte tokenizer (no downloads;
-sampled ids outside the byte vocabulary decode to nothing). The measurement is exactly
-``hotlora.benchmarks.experiments.run_bench`` with the engine on CUDA: the same catalogue of GRPO
-experiments cold (a fresh engine process each), warm (one at a time) and all at once, plus the sweep.
+The base is a random-init model of a real configuration (default Qwen3-4B, ``engine.shapes``) in bf16,
+written to a temporary directory with the engine's tokenizer padded to the shape's vocabulary (no
+downloads). Every experiment is GRPO-shaped: per step ``--batch-size`` prompts x ``--group-size``
+samples of up to ``--max-tokens`` new tokens, reward minus group mean, an ``importance_sampling``
+``forward_backward`` and an ``optim_step``. A random-init base earns no task reward, so the experiments
+use the dense ``digits`` reward (the share of digit characters; filler tokens decode to ``<12345>``):
+nearly every group has signal and trains, as in a real run. No held-out evals and no reward band: this
+measures throughput only (the CPU run on the pretrained tiny base checks rewards).
 
-Throughput only: a random-init base earns no reward, so the reward band is not meaningful here and
-``no_reward_regression`` is left out of the JSON (the CPU run on the pretrained tiny base checks it).
+The measurement is exactly ``hotlora.benchmarks.experiments.run_bench``, with the engine on the device.
+By default the warm and concurrent phases run before the cold one, and the times measured so far are
+written to ``<out>.partial.json`` after each phase, so a time-limited session still keeps them.
 
-    python bench/gpu_experiments.py --out out/gpu_experiments.json [--experiments 8] [--steps 10]
+    python bench/gpu_experiments.py --out out/gpu_experiments.json [--shape qwen3-4b] [--steps 2]
+    python bench/gpu_experiments.py --device cpu --shape tiny --experiments 2 --steps 1 --max-tokens 8
 """
 
 from __future__ import annotations
@@ -21,96 +26,106 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from rich.console import Console
-from transformers import LlamaConfig, LlamaForCausalLM
 
-from hotlora.benchmarks.experiments import DEFAULT_SWEEP, Plan, parse_sweep, quiet_client_logs, run_bench
-from hotlora.engine.tiny_model import build_tokenizer
-
-MODEL_NAME = "random-init Llama-3.2-1B shape"
-
-
-def llama_1b_config(num_layers: int = 16) -> LlamaConfig:
-    """Llama-3.2-1B's shape, written out; the byte tokenizer's special ids replace Llama's."""
-    tokenizer = build_tokenizer()
-    return LlamaConfig(
-        vocab_size=128256,
-        hidden_size=2048,
-        intermediate_size=8192,
-        num_hidden_layers=num_layers,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        head_dim=64,
-        max_position_embeddings=4096,
-        rope_theta=500_000.0,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-
-
-def write_model(directory: Path, num_layers: int) -> Path:
-    """Build the model on the GPU (fast init) and save it in bf16 with the byte tokenizer."""
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = LlamaForCausalLM(llama_1b_config(num_layers)).to(torch.bfloat16)
-    model.save_pretrained(directory)
-    build_tokenizer().save_pretrained(directory)
-    del model
-    torch.cuda.empty_cache()
-    return directory
+from hotlora.benchmarks.experiments import Plan, parse_sweep, quiet_client_logs, run_bench
+from hotlora.engine.shapes import SHAPES, get_shape, write_shape
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--out", default="out/gpu_experiments.json", help="where to write the JSON results")
+    parser.add_argument("--shape", default="qwen3-4b", choices=sorted(SHAPES), help="model configuration")
+    parser.add_argument("--layers", type=int, default=None, help="fewer decoder layers than the shape has")
+    parser.add_argument("--device", default="cuda", help="cuda (the point of this script) or cpu (rehearsal)")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--experiments", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=10, help="GRPO steps per experiment")
-    parser.add_argument("--sweep", default=",".join(map(str, DEFAULT_SWEEP)), help="concurrency levels")
-    parser.add_argument("--layers", type=int, default=16, help="decoder layers (16 = Llama-3.2-1B)")
-    parser.add_argument("--max-decode-rows", type=int, default=256, help="the engine's decode batch rows")
+    parser.add_argument("--steps", type=int, default=2, help="GRPO steps per experiment")
+    parser.add_argument("--sweep", default=None, help="extra concurrency levels (default: only 1 and --experiments)")
+    parser.add_argument("--batch-size", type=int, default=8, help="prompts per GRPO step")
+    parser.add_argument("--group-size", type=int, default=8, help="samples per prompt")
+    parser.add_argument("--max-tokens", type=int, default=256, help="new tokens per sample, at most")
+    parser.add_argument("--rank", type=int, default=16, help="LoRA rank of every experiment")
+    parser.add_argument("--max-decode-rows", type=int, default=512, help="the engine's decode batch rows")
+    parser.add_argument("--cold-first", action="store_true", help="run the cold phase first (the CPU bench's order)")
+    parser.add_argument("--engine-arg", action="append", default=[], help="extra `hotlora engine` flag (repeatable)")
     parser.add_argument("--bootstrap", default=None, help="use this broker (default: embedded Tansu)")
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if not torch.cuda.is_available():
-        print(f"skipped: no CUDA (torch {torch.__version__} sees no GPU); run `hotlora bench experiments` on CPU")
-        return 0
+def plan_from(args: argparse.Namespace) -> Plan:
     if args.experiments < 1 or args.steps < 1:
         raise SystemExit("error: --experiments and --steps must be >= 1")
+    levels = set(parse_sweep(args.sweep)) if args.sweep else set()
+    sweep = tuple(sorted(levels | {1, args.experiments}))
+    overrides: dict[str, Any] = {
+        "task": "digits",
+        "batch_size": args.batch_size,
+        "group_size": args.group_size,
+        "max_tokens": args.max_tokens,
+        "rank": args.rank,
+    }
+    return Plan(
+        args.experiments,
+        args.steps,
+        solo_seeds=1,
+        sweep=sweep,
+        overrides=overrides,
+        rewards=False,
+        cold_first=args.cold_first,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print(f"skipped: no CUDA (torch {torch.__version__} sees no GPU); rehearse with --device cpu --shape tiny")
+        return 2
+    plan = plan_from(args)
     console = Console(stderr=True)
     quiet_client_logs()
-    plan = Plan(args.experiments, args.steps, solo_seeds=1, sweep=parse_sweep(args.sweep))
+    shape = get_shape(args.shape).with_overrides(layers=args.layers)
+    dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_suffix(".partial.json")
     workdir = Path(tempfile.mkdtemp(prefix="hotlora-gpu-experiments-"))
     try:
-        with console.status(f"writing the {MODEL_NAME} model ({args.layers} layers, bf16)"):
-            model = str(write_model(workdir / "model", args.layers))
-        engine_args = ["--device", "cuda", "--dtype", "bfloat16", "--max-decode-rows", str(args.max_decode_rows)]
-        command = shlex_command(argv)
-        result = run_bench(plan, model, args.bootstrap, command, console, engine_args, torch.device("cuda"))
+        with console.status(f"writing a random-init {shape.name} ({shape.num_layers} layers, {dtype})"):
+            model = str(write_shape(shape, workdir / "model", dtype=dtype, device=device))
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        engine_args = ["--device", args.device, "--dtype", args.dtype, "--max-decode-rows", str(args.max_decode_rows)]
+        engine_args += args.engine_arg
+        command = shlex.join(["python", "bench/gpu_experiments.py", *(sys.argv[1:] if argv is None else argv)])
+
+        def save_partial(times: dict[str, Any]) -> None:
+            partial.write_text(json.dumps({"command": command, "shape": shape.name, **times}, indent=2) + "\n")
+
+        result = run_bench(plan, model, args.bootstrap, command, console, engine_args, device, on_phase=save_partial)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    result["model"] = f"{MODEL_NAME}, {args.layers} layers, bf16"
-    result.pop("no_reward_regression", None)
-    result["rewards_note"] = "random-init base: rewards are ~0 and not meaningful; throughput only"
+    result["model"] = f"random-init {shape.name}, {shape.num_layers} layers, {args.dtype} ({shape.source})"
+    result["shape"] = shape.name
+    result["workload"] = {
+        "prompts_per_step": args.batch_size,
+        "samples_per_prompt": args.group_size,
+        "max_tokens": args.max_tokens,
+        "rank": args.rank,
+        "reward": "digits (dense; random-init base: throughput only)",
+    }
     console.print(
         f"cold_ratio = {result['cold_ratio']:.2f}, warm_ratio = {result['warm_ratio']:.2f} "
-        f"(T1 {result['T1_seconds']:.1f} s, T2 {result['T2_seconds']:.1f} s, T3 {result['T3_seconds']:.1f} s)"
+        f"(T1 {result['T1_seconds']:.1f} s, T2 {result['T2_seconds']:.1f} s, T3 {result['T3_seconds']:.1f} s), "
+        f"steps trained {result['steps_trained']}"
     )
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    console.print(f"wrote {args.out}")
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    console.print(f"wrote {out}")
     return 0
-
-
-def shlex_command(argv: list[str] | None) -> str:
-    return shlex.join(["python", *(sys.argv if argv is None else ["bench/gpu_experiments.py", *argv])])
 
 
 if __name__ == "__main__":

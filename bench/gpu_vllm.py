@@ -1,7 +1,7 @@
 """``hotlora bench sampler`` on a GPU: the native sampler vs vLLM colocated in the engine process.
 
-The model is the random-init Llama-3.2-1B-shaped base of ``bench/gpu_experiments.py`` in bf16 (no
-downloads). Both backends run the same workload as on CPU (``hotlora.benchmarks.sampler.run_bench``):
+The model is a random-init model of a real configuration (``engine.shapes``, default Llama-3.2-1B) in
+bf16 (no downloads). Both backends run the same workload as on CPU (``hotlora.benchmarks.sampler.run_bench``):
 decode tokens/s for 1-8 adapters in one mixed batch, and one GRPO-shaped RL step per adapter with
 the weight sync into vLLM and the train/inference logprob mismatch (bf16, so expect about 1e-2, not
 the 1e-6 of fp32 on CPU). vLLM and the trainer share one device: vLLM takes
@@ -26,11 +26,9 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_experiments import MODEL_NAME, write_model
-
 from hotlora.benchmarks.experiments import quiet_client_logs
 from hotlora.benchmarks.sampler import BACKENDS, SamplerBenchConfig, parse_adapters, print_summary, run_bench
+from hotlora.engine.shapes import SHAPES, get_shape, write_shape
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -39,7 +37,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--adapters", default="1,2,4,8", help="decode: adapters in one batch, comma-separated")
     parser.add_argument("--rl-adapters", type=int, default=8, help="adapters in the RL step")
     parser.add_argument("--max-tokens", type=int, default=128, help="tokens per sequence (random base: no EOS)")
-    parser.add_argument("--layers", type=int, default=16, help="decoder layers (16 = Llama-3.2-1B)")
+    parser.add_argument("--shape", default="llama-3.2-1b", choices=sorted(SHAPES), help="model configuration")
+    parser.add_argument("--layers", type=int, default=None, help="fewer decoder layers than the shape has")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.5, help="vLLM's share of the GPU")
     return parser.parse_args(argv)
 
@@ -64,13 +63,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     workdir = Path(tempfile.mkdtemp(prefix="hotlora-gpu-vllm-"))
     command = shlex.join(["python", *(sys.argv if argv is None else ["bench/gpu_vllm.py", *argv])])
+    shape = get_shape(args.shape).with_overrides(layers=args.layers)
     try:
-        with console.status(f"writing the {MODEL_NAME} model ({args.layers} layers, bf16)"):
-            model = str(write_model(workdir / "model", args.layers))
+        with console.status(f"writing a random-init {shape.name} ({shape.num_layers} layers, bf16)"):
+            model = str(write_shape(shape, workdir / "model", dtype=torch.bfloat16, device="cuda"))
         result = run_bench(cfg, model, BACKENDS, command, console)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    result["model"] = result["decode_model"] = f"{MODEL_NAME}, {args.layers} layers, bf16"
+    result["model"] = result["decode_model"] = f"random-init {shape.name}, {shape.num_layers} layers, bf16"
     print_summary(console, result)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

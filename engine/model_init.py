@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 
+import torch
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
 from hotlora.engine.errors import InvalidRequest
@@ -56,6 +58,33 @@ def init_model(
         shutil.rmtree(out_dir)
     shutil.copytree(cached, out_dir)
     return out_dir
+
+
+def init_shape(
+    out_dir: Path,
+    shape_name: str,
+    layers: int | None = None,
+    vocab: int | None = None,
+    dtype: str = "bfloat16",
+    device: str = "auto",
+    seed: int = 0,
+    force: bool = False,
+) -> Path:
+    """Write a random-init model of a named real configuration (``engine.shapes``) into ``out_dir``."""
+    from hotlora.engine.base_model import resolve_device, resolve_dtype
+    from hotlora.engine.shapes import get_shape, write_shape
+
+    shape = get_shape(shape_name).with_overrides(layers=layers, vocab=vocab)
+    if out_dir.exists() and any(out_dir.iterdir()) and not force:
+        raise SystemExit(f"error: {out_dir} exists and is not empty (use --force to overwrite)")
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    size_gb = shape.parameters() * torch.tensor([], dtype=torch_dtype).element_size() / 1e9
+    note = f"writing {shape.name}: {size_gb:.1f} GB of {torch_dtype} weights, random init on {torch_device}"
+    print(note, file=sys.stderr)
+    return write_shape(shape, out_dir, dtype=torch_dtype, device=torch_device, seed=seed)
 
 
 def rl_base_model(progress: bool = True) -> str:

@@ -17,9 +17,25 @@ DEMO_STEPS = 120  # 4 experiments: about 4 minutes on a 2-core CPU
 
 
 def _cmd_model_init(args: argparse.Namespace) -> int:
-    from hotlora.engine.model_init import init_model
+    from hotlora.engine.errors import InvalidRequest
+    from hotlora.engine.model_init import init_model, init_shape
 
-    path = init_model(Path(args.dir), pretrain=args.pretrain, seed=args.seed, steps=args.steps, force=args.force)
+    try:
+        if args.shape is None:
+            if args.layers is not None or args.vocab is not None or args.dtype is not None:
+                raise InvalidRequest("--layers, --vocab and --dtype apply only with --shape")
+            path = init_model(
+                Path(args.dir), pretrain=args.pretrain, seed=args.seed, steps=args.steps, force=args.force
+            )
+        else:
+            if args.pretrain or args.steps is not None:
+                raise InvalidRequest("--shape builds a random-init model: --pretrain and --steps do not apply")
+            path = init_shape(
+                Path(args.dir), args.shape, layers=args.layers, vocab=args.vocab, dtype=args.dtype or "bfloat16",
+                device=args.device, seed=args.seed, force=args.force,
+            )  # fmt: skip
+    except InvalidRequest as err:
+        raise SystemExit(f"error: {err.message}") from None
     print(f"model ready at {path}")
     return 0
 
@@ -222,12 +238,23 @@ def build_parser() -> argparse.ArgumentParser:
     model = commands.add_parser("model", help="build local base models").add_subparsers(
         dest="model_command", required=True
     )
-    init = model.add_parser("init", help="build a tiny Llama-architecture model and tokenizer (no downloads)")
+    init = model.add_parser(
+        "init", help="build a tiny model (or, with --shape, a random-init model of a real configuration); no downloads"
+    )
     init.add_argument("dir", help="output directory (a Hugging Face model directory)")
     init.add_argument("--pretrain", action="store_true", help="pretrain briefly on the synthetic corpus")
     init.add_argument("--seed", type=int, default=0, help="seed for weights and corpus (default 0)")
     init.add_argument("--steps", type=int, default=None, help="pretraining steps (default 1500 with --pretrain)")
     init.add_argument("--force", action="store_true", help="overwrite DIR if it exists")
+    init.add_argument(
+        "--shape",
+        default=None,
+        help="a named real configuration, random init: tiny, qwen3-0.6b, qwen3-4b, llama-3.2-1b",
+    )
+    init.add_argument("--layers", type=int, default=None, help="with --shape: fewer decoder layers than the original")
+    init.add_argument("--vocab", type=int, default=None, help="with --shape: a smaller vocabulary (>= 259)")
+    init.add_argument("--dtype", default=None, help="with --shape: weights' dtype on disk (default bfloat16)")
+    init.add_argument("--device", default="auto", help="with --shape: where to initialise (auto: cuda if present)")
     init.set_defaults(func=_cmd_model_init)
 
     demo = commands.add_parser(

@@ -47,14 +47,25 @@ ORACLES = {
     "sort": lambda prompt: "".join(sorted(prompt.removeprefix("sort ").removesuffix(":"))),
     "count": _count,
     "format": _format,
+    "digits": _arithmetic,
 }
+# Tasks that reuse another task's generator with a different verifier.
+GENERATOR_OF = {"digits": "arithmetic"}
 
 
 def test_all_required_tasks_exist_and_reuse_corpus_generators():
-    assert set(TASKS) == {"arithmetic", "reverse", "sort", "count", "format"}
+    assert set(TASKS) == {"arithmetic", "reverse", "sort", "count", "format", "digits"}
     for name, task in TASKS.items():
         assert task.name == name
-        assert task.generate is corpus.GENERATORS[name]
+        assert task.generate is corpus.GENERATORS[GENERATOR_OF.get(name, name)]
+
+
+@pytest.mark.parametrize(
+    ("completion", "reward"),
+    [(" 19</s>", 1.0), (" 1a", 0.5), ("<123><7>", 4 / 8), (" abc", 0.0), ("", 0.0), (" </s>", 0.0)],
+)
+def test_digit_share_is_dense(completion: str, reward: float) -> None:
+    assert get_task("digits").reward(Problem("12+7=", "19"), completion) == pytest.approx(reward)
 
 
 @pytest.mark.parametrize(

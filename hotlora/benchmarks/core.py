@@ -310,7 +310,16 @@ def run_core(runner: ModelRunner, cfg: CoreBenchConfig, console: Console | None 
 
 
 def git_commit(start: Path | None = None) -> str:
-    """HEAD's commit read from ``.git`` directly (no git process); ``unknown`` outside a checkout."""
+    """HEAD's commit read from ``.git`` directly (no git process).
+
+    Outside a checkout (a copied working tree on a lent GPU machine, say) ``HOTLORA_COMMIT`` names it,
+    else ``unknown``.
+    """
+    found = _git_head(start)
+    return os.environ.get("HOTLORA_COMMIT", found) if found == "unknown" else found
+
+
+def _git_head(start: Path | None) -> str:
     here = (start or repo_root()).resolve()
     for root in (here, *here.parents):
         git = root / ".git"

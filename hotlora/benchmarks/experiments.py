@@ -107,13 +107,18 @@ class Plan:
     sweep: tuple[int, ...]
     quick: bool = False
     overrides: dict[str, Any] = field(default_factory=dict)  # GrpoConfig fields (quick, tests)
+    # False: throughput only, no held-out evals and no reward band (random-init shapes earn no reward).
+    rewards: bool = True
+    cold_first: bool = True  # False: warm and concurrent first, so a run cut short still has the ratio's base
 
     def configs(self, n: int | None = None, seed: int = 0) -> list[GrpoConfig]:
         """The catalogue's first ``n`` experiments; eval only at step 0 and the end in every mode (same cost)."""
         from hotlora.agents.experiments import experiment_configs
 
-        overrides = {"eval_every": self.steps, **self.overrides}
-        return experiment_configs(n or self.experiments, self.steps, seed=seed, **overrides)
+        return experiment_configs(n or self.experiments, self.steps, seed=seed, **self.grpo_overrides())
+
+    def grpo_overrides(self) -> dict[str, Any]:
+        return {"eval_every": self.steps if self.rewards else 0, **self.overrides}
 
 
 @dataclass
@@ -375,14 +380,18 @@ async def one_at_a_time(bench: Bench, prefix: str, configs: Sequence[GrpoConfig]
     return runs
 
 
-async def warm_phases(bench: Bench, plan: Plan, prefix: str, report: Reporter, phases: Phases) -> None:
+async def warm_phases(
+    bench: Bench, plan: Plan, prefix: str, report: Reporter, phases: Phases, done_phase: Callable[[], None]
+) -> None:
     """warm, concurrent, extra solo seeds and the sweep, all on one engine started once."""
     n, s = plan.experiments, plan.steps
     report.phase("warm single-tenant", n * s)
     phases.warm = await one_at_a_time(bench, prefix, plan.configs(), "warm")
     phases.solo[0] = phases.warm
+    done_phase()
     report.phase(f"concurrent ({n} at once)", n * s)
     phases.concurrent_wall, phases.concurrent = await run_together(bench, prefix, plan.configs(), "concurrent")
+    done_phase()
     for seed in range(1, plan.solo_seeds):
         report.phase(f"solo seed {seed}", n * s)
         phases.solo[seed] = await one_at_a_time(bench, prefix, plan.configs(seed=seed), f"solo-s{seed}")
@@ -401,8 +410,13 @@ async def measure(
     console: Console,
     engine_args: Sequence[str] = (),
     engine_threads: int | None = None,
+    on_phase: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """Every phase on one broker (embedded Tansu unless ``bootstrap``); returns the report's measured part."""
+    """Every phase on one broker (embedded Tansu unless ``bootstrap``); returns the report's measured part.
+
+    ``on_phase`` gets the phase times measured so far after each phase (``partial_times``), so a run that
+    is cut short (a time-limited GPU session) still leaves what it measured.
+    """
     from hotlora.agents.grpo import tokenizer_codec
     from hotlora.engine.broker import EmbeddedBroker
 
@@ -418,13 +432,23 @@ async def measure(
         # Live bars on a terminal only; elsewhere Reporter prints one line per phase instead.
         with progress_bar(*columns, console=console, transient=False) as progress:
             report = Reporter(progress, bench)
-            phases.cold = await cold_phase(bench, plan, base, report)
+
+            def done_phase() -> None:
+                if on_phase is not None:
+                    on_phase(partial_times(phases))
+
+            if plan.cold_first:
+                phases.cold = await cold_phase(bench, plan, base, report)
+                done_phase()
             warm_prefix = f"{base}-warm"
             task = report.phase("starting the warm engine", 1)
             async with engine_process(bench, warm_prefix):
                 await warm_up(bench, warm_prefix)
                 progress.update(task, completed=1)
-                await warm_phases(bench, plan, warm_prefix, report, phases)
+                await warm_phases(bench, plan, warm_prefix, report, phases, done_phase)
+            if not plan.cold_first:
+                phases.cold = await cold_phase(bench, plan, base, report)
+                done_phase()
     finally:
         if broker is not None:
             broker.stop()
@@ -434,27 +458,44 @@ async def measure(
 # ----- the report -----
 
 
-def experiment_rows(phases: Phases) -> list[dict[str, Any]]:
+def partial_times(phases: Phases) -> dict[str, Any]:
+    """What is measured so far, per phase: each experiment's seconds and the phase's sum or wall."""
+    out: dict[str, Any] = {}
+    if phases.cold:
+        out["cold_seconds"] = [run.seconds for run in phases.cold]
+        out["T1_seconds"] = sum(out["cold_seconds"])
+    if phases.warm:
+        out["warm_seconds"] = [run.seconds for run in phases.warm]
+        out["T2_seconds"] = sum(out["warm_seconds"])
+    if phases.concurrent:
+        out["concurrent_seconds"] = [run.seconds for run in phases.concurrent]
+        out["T3_seconds"] = phases.concurrent_wall
+    return out
+
+
+def experiment_rows(phases: Phases, rewards: bool = True) -> list[dict[str, Any]]:
     rows = []
     for i, conc in enumerate(phases.concurrent):
         cfg = phases.warm[i].config
-        solo = [phases.solo[seed][i].final_reward for seed in sorted(phases.solo)]
-        low = band_low(solo, samples_per_eval(cfg))
-        rows.append(
-            {
-                "id": cfg.adapter_id.removesuffix("-warm"),
-                "task": cfg.task,
-                "learning_rate": cfg.learning_rate,
-                "cold_seconds": phases.cold[i].seconds,
-                "warm_seconds": phases.warm[i].seconds,
-                "concurrent_seconds": conc.seconds,
+        row: dict[str, Any] = {
+            "id": cfg.adapter_id.removesuffix("-warm"),
+            "task": cfg.task,
+            "learning_rate": cfg.learning_rate,
+            "cold_seconds": phases.cold[i].seconds,
+            "warm_seconds": phases.warm[i].seconds,
+            "concurrent_seconds": conc.seconds,
+        }
+        if rewards:
+            solo = [phases.solo[seed][i].final_reward for seed in sorted(phases.solo)]
+            low = band_low(solo, samples_per_eval(cfg))
+            row |= {
                 "solo_final_rewards": solo,
                 "concurrent_final_reward": conc.final_reward,
                 "cold_final_reward": phases.cold[i].final_reward,
                 "band_low": low,
                 "within_band": within_band(conc.final_reward, low),
             }
-        )
+        rows.append(row)
     return rows
 
 
@@ -480,21 +521,33 @@ def summarize(plan: Plan, phases: Phases) -> dict[str, Any]:
     t1 = sum(run.seconds for run in phases.cold)
     t2 = sum(run.seconds for run in phases.warm)
     t3 = phases.concurrent_wall
-    rows = experiment_rows(phases)
-    return {
+    rows = experiment_rows(phases, plan.rewards)
+    result = {
         "cold_ratio": speedup(t1, t3),
         "warm_ratio": speedup(t2, t3),
-        "no_reward_regression": all(row["within_band"] for row in rows),
         "T1_seconds": t1,
         "T2_seconds": t2,
         "T3_seconds": t3,
         "steps": plan.steps,
         "n_experiments": plan.experiments,
         "solo_seeds": plan.solo_seeds,
-        "config_overrides": {"eval_every": plan.steps, **plan.overrides},
-        "samples_per_eval": samples_per_eval(phases.warm[0].config),
+        "config_overrides": plan.grpo_overrides(),
         "experiments": rows,
         "sweep": sweep_rows(phases, plan.sweep),
+        "steps_trained": trained_steps(phases),
+    }
+    if plan.rewards:
+        result["no_reward_regression"] = all(row["within_band"] for row in rows)
+        result["samples_per_eval"] = samples_per_eval(phases.warm[0].config)
+    return result
+
+
+def trained_steps(phases: Phases) -> dict[str, int]:
+    """Steps that ran forward_backward + optim_step, per phase (a GRPO step whose groups all tie skips both)."""
+    runs = {"cold": phases.cold, "warm": phases.warm, "concurrent": phases.concurrent}
+    return {
+        name: sum(1 for run in rs for m in run.metrics if m.step > 0 and m.loss is not None)
+        for name, rs in runs.items()
     }
 
 
@@ -529,6 +582,9 @@ def draw_png(result: dict[str, Any], path: Path) -> Path:
 
 def markdown_section(result: dict[str, Any], png: Path | None) -> str:
     m = result["machine"]
+    rewards = "no_reward_regression" in result
+    evals = f"m = {result['samples_per_eval']} samples per eval" if rewards else "throughput only, no evals"
+    verdict = f", `no_reward_regression` {result['no_reward_regression']}" if rewards else ""
     lines = [
         f"### experiments: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
         "",
@@ -537,24 +593,31 @@ def markdown_section(result: dict[str, Any], png: Path | None) -> str:
         f"- machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}{', ' + m['gpu'] if 'gpu' in m else ''}; "
         f"broker: {result['broker']}; engine threads: {result['engine_threads'] or 'torch default'}",
         f"- {result['n_experiments']} experiments x {result['steps']} steps; {result['solo_seeds']} solo seeds; "
-        f"m = {result['samples_per_eval']} samples per eval; GRPO overrides `{result['config_overrides']}`"
-        f"{'; quick' if result['quick'] else ''}",
+        f"{evals}; GRPO overrides `{result['config_overrides']}`{'; quick' if result['quick'] else ''}",
         "",
         f"T1 (cold, sum) {result['T1_seconds']:.1f} s, T2 (warm, sum) {result['T2_seconds']:.1f} s, "
         f"T3 (concurrent, wall) {result['T3_seconds']:.1f} s: **`cold_ratio` {result['cold_ratio']:.2f}**, "
-        f"**`warm_ratio` {result['warm_ratio']:.2f}**, `no_reward_regression` {result['no_reward_regression']}.",
+        f"**`warm_ratio` {result['warm_ratio']:.2f}**{verdict}.",
         "",
-        "| experiment | task | lr | cold s | warm s | concurrent s | solo finals | concurrent final | band_low | ok |",
-        "|---|---|---:|---:|---:|---:|---|---:|---:|---|",
     ]
+    if rewards:
+        lines += [
+            "| experiment | task | lr | cold s | warm s | concurrent s "
+            "| solo finals | concurrent final | band_low | ok |",
+            "|---|---|---:|---:|---:|---:|---|---:|---:|---|",
+        ]
+    else:
+        lines += ["| experiment | task | lr | cold s | warm s | concurrent s |", "|---|---|---:|---:|---:|---:|"]
     for row in result["experiments"]:
-        solo = ", ".join(f"{r:.3f}" for r in row["solo_final_rewards"])
-        ok = "yes" if row["within_band"] else "NO"
-        lines.append(
+        line = (
             f"| {row['id']} | {row['task']} | {row['learning_rate']:g} | {row['cold_seconds']:.1f} "
-            f"| {row['warm_seconds']:.1f} | {row['concurrent_seconds']:.1f} | {solo} "
-            f"| {row['concurrent_final_reward']:.3f} | {row['band_low']:.3f} | {ok} |"
+            f"| {row['warm_seconds']:.1f} | {row['concurrent_seconds']:.1f} |"
         )
+        if rewards:
+            solo = ", ".join(f"{r:.3f}" for r in row["solo_final_rewards"])
+            ok = "yes" if row["within_band"] else "NO"
+            line += f" {solo} | {row['concurrent_final_reward']:.3f} | {row['band_low']:.3f} | {ok} |"
+        lines.append(line)
     lines += ["", "| k | wall s | k W1/Wk | step ms mean | step ms p50 |", "|---:|---:|---:|---:|---:|"]
     for row in result["sweep"]:
         lines.append(
@@ -621,6 +684,7 @@ def run_bench(
     engine_args: Sequence[str] = (),
     device: torch.device | None = None,
     engine_threads: int | None = None,
+    on_phase: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """The whole bench, provenance included; ``bench/gpu_experiments.py`` calls it with CUDA engine flags."""
     from hotlora.engine.core import run
@@ -631,7 +695,7 @@ def run_bench(
     result["engine_args"] = list(engine_args)
     result["engine_threads"] = engine_threads
     started = time.perf_counter()
-    result.update(run(measure(plan, model, bootstrap, console, engine_args, engine_threads)))
+    result.update(run(measure(plan, model, bootstrap, console, engine_args, engine_threads, on_phase)))
     result["bench_seconds"] = time.perf_counter() - started
     return result
 
