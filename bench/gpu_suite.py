@@ -77,7 +77,8 @@ def stages(args: argparse.Namespace, out: Path) -> list[Stage]:
     if rehearsal:
         profiles.append("--quick")
     tests_env = {"HOTLORA_TEST_DEVICE": args.device}
-    tests = [py, "-m", "pytest", "-m", "cuda", "tests/test_cuda.py", "-q", "-p", "no:cacheprovider"]
+    tests = [py, "-m", "pytest", "-m", "cuda", "tests/test_cuda.py", "tests/test_train_cuda.py", "-q"]
+    tests += ["-p", "no:cacheprovider"]
     tests += ["--junitxml", str(out / "cuda_tests.xml")]
     claim = [py, "bench/gpu_claim.py", "--out", str(out / "gpu_claim.json")]
     return [
@@ -90,7 +91,8 @@ def stages(args: argparse.Namespace, out: Path) -> list[Stage]:
 
 
 def machine(device: str) -> dict[str, Any]:
-    info: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count()}
+    info: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform()}
+    info["cpus"] = os.cpu_count()
     try:
         import torch
         import transformers

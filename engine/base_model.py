@@ -39,6 +39,20 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def prepare_device(device: torch.device) -> None:
+    """Process-wide settings for the device the base runs on; idempotent, called when the base loads.
+
+    On CUDA, fp32 matmuls may use TF32 tensor cores (10-bit mantissa, fp32 range, several times IEEE
+    fp32's speed): an fp32 base (``dtype="float32"``) and any fp32 math beside a bf16 base run that much
+    faster, at a precision still above the bf16 activations around them. CUDA only, and through the
+    legacy ``allow_tf32`` flag on purpose: the global ``set_float32_matmul_precision("high")`` also lets
+    oneDNN round CPU fp32 matmuls (the CPU tests need exact fp32), and setting the per-backend
+    ``fp32_precision`` makes torch 2.13 refuse ``torch.get_float32_matmul_precision()``, which libraries call.
+    """
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+
+
 @dataclass
 class BaseModel:
     model: PreTrainedModel
@@ -64,6 +78,7 @@ def load_base_model(path: str | Path, dtype: str = "auto", device: str = "auto")
     hf_logging.disable_progress_bar()  # an engine's logs are structured, not progress bars
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
+    prepare_device(torch_device)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=True)
     model.to(torch_device)
     model.eval()

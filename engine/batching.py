@@ -72,19 +72,25 @@ def _close(rows: list[RowRef], width: int) -> MicroBatch:
 
 @dataclass
 class CollatedBatch:
-    """Tensors of one micro-batch, plus which rows use which (loss_fn, loss_config)."""
+    """Tensors of one micro-batch, plus which rows use which (loss_fn, loss_config).
+
+    ``token_index`` lists the real (non-padding) positions of the flattened ``[rows, width]`` block,
+    row by row: the only positions whose logprobs are computed.
+    """
 
     input_ids: torch.Tensor
     target_ids: torch.Tensor
+    token_index: torch.Tensor
     weights: torch.Tensor
     sampler_logprobs: torch.Tensor
     advantages: torch.Tensor
-    has_rl_fields: torch.Tensor
+    # Host-side, one flag per row: deciding whether a loss group has RL fields must not read the device.
+    has_rl_fields: list[bool]
     loss_groups: dict[tuple[str, tuple[tuple[str, float], ...]], list[int]] = field(default_factory=dict)
 
     def loss_inputs(self, rows: list[int], target_logprobs: torch.Tensor) -> LossInputs:
         index = torch.tensor(rows, dtype=torch.long, device=target_logprobs.device)
-        rl_ok = bool(self.has_rl_fields[index].all())
+        rl_ok = all(self.has_rl_fields[i] for i in rows)
         return LossInputs(
             target_logprobs=target_logprobs.index_select(0, index),
             weights=self.weights.index_select(0, index),
@@ -100,7 +106,8 @@ def collate(batch: MicroBatch, calls: Sequence[ForwardBackwardCall], device: tor
     weights = torch.zeros(n, width)
     sampler_logprobs = torch.zeros(n, width)
     advantages = torch.zeros(n, width)
-    has_rl = torch.zeros(n, dtype=torch.bool)
+    has_rl = [False] * n
+    token_index = torch.cat([torch.arange(length) + i * width for i, length in enumerate(r.length for r in batch.rows)])
     groups: dict[tuple[str, tuple[tuple[str, float], ...]], list[int]] = {}
     for i, row in enumerate(batch.rows):
         call = calls[row.call_index]
@@ -118,6 +125,7 @@ def collate(batch: MicroBatch, calls: Sequence[ForwardBackwardCall], device: tor
     return CollatedBatch(
         input_ids=input_ids.to(device),
         target_ids=target_ids.to(device),
+        token_index=token_index.to(device),
         weights=weights.to(device),
         sampler_logprobs=sampler_logprobs.to(device),
         advantages=advantages.to(device),

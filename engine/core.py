@@ -90,6 +90,8 @@ class EngineConfig:
     """Knobs of the engine loop; the runner and scheduler keep their own."""
 
     max_decode_rows: int = 256
+    # The native sampler's KV-cache bound in bytes; None: half the device memory free at start (CUDA), none on CPU.
+    max_kv_bytes: int | None = None
     sampler: str = "native"  # "native" | "vllm" | "auto" (vLLM when it imports)
     vllm: VllmSettings = field(default_factory=VllmSettings)
     scheduler: SchedulerPolicy = field(default_factory=SchedulerPolicy)
@@ -126,7 +128,7 @@ class Engine:
                 self.config.vllm,
             )
         else:
-            self.sampler = NativeSampler(runner, max_rows=self.config.max_decode_rows)
+            self.sampler = NativeSampler(runner, self.config.max_decode_rows, self.config.max_kv_bytes)
         policy = self.config.scheduler
         if policy.max_decode_rows is None:
             policy.max_decode_rows = self.config.max_decode_rows

@@ -6,10 +6,16 @@ Each ``MultiLoRALinear`` computes ``base(x)`` once for all rows, then adds each 
 ``scale * (x @ A.T) @ B.T``, either with one segment matmul per run (``segment``) or with
 ``torch._grouped_mm`` over all runs at once (``grouped``, where the device and dtype support it).
 The base weights are never copied per adapter.
+
+The delta is computed in the activations' dtype (mixed precision): the factors stay fp32 master
+weights and are cast to ``x.dtype`` inside the graph, so their gradients still arrive in fp32, while
+autograd keeps only the (bf16) activations it already has, not an fp32 copy of them per module. With
+fp32 activations (CPU) the casts are no-ops and nothing changes.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Iterator, Sequence
@@ -73,13 +79,38 @@ class LoraContext:
     layers: dict[str, MultiLoRALinear] = field(default_factory=dict)
 
 
-# ``auto`` takes the stacked path at or below this many tokens (decode), the segment path above it.
+# ``auto`` takes the stacked path at or below this many tokens (decode), above it the grouped path
+# where ``grouped_mm_fast`` holds, else the segment path.
 STACKED_MAX_TOKENS = 256
+# ``torch._grouped_mm`` on CUDA reads its operands with TMA: every pointer and every row stride must be a
+# multiple of 16 bytes (GroupedMMUtils.h). The rank is zero-padded to a multiple of this many bytes.
+GROUPED_MM_ALIGN_BYTES = 16
 
 
-def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
-    """``torch._grouped_mm`` runs on CUDA (bf16) and, in torch 2.13, on CPU for bf16 only."""
-    return hasattr(torch, "_grouped_mm") and dtype == torch.bfloat16 and device.type in ("cpu", "cuda")
+@functools.cache
+def cutlass_grouped_mm(device_index: int) -> bool:
+    """Whether torch's one-launch CUTLASS grouped GEMM runs on this CUDA device: sm90 or sm100 only."""
+    return torch.version.hip is None and torch.cuda.get_device_capability(device_index)[0] in (9, 10)
+
+
+def grouped_mm_fast(x: torch.Tensor, in_features: int, out_features: int) -> bool:
+    """Whether ``auto`` should run the grouped path for activations ``x``.
+
+    Only in bf16 on a CUDA device with torch's CUTLASS kernel (one launch, no host sync). Elsewhere
+    ``torch._grouped_mm`` falls back to a loop of mm calls, which is the segment path plus padding,
+    with a device-to-host copy of the offsets. The feature sizes must keep rows 16-byte aligned; the
+    rank is padded to that in ``_delta_grouped``.
+    """
+    align = GROUPED_MM_ALIGN_BYTES // x.element_size()
+    return (
+        hasattr(torch, "_grouped_mm")
+        and x.device.type == "cuda"
+        and x.dtype == torch.bfloat16
+        and in_features % align == 0
+        and out_features % align == 0
+        and (x.storage_offset() * x.element_size()) % GROUPED_MM_ALIGN_BYTES == 0
+        and cutlass_grouped_mm(x.device.index or 0)
+    )
 
 
 class MultiLoRALinear(nn.Module):
@@ -94,7 +125,7 @@ class MultiLoRALinear(nn.Module):
         # Tensors are owned by the adapter objects; the layer only indexes them by slot.
         self.slots: dict[int, LoraPair] = {}
         self._stack: tuple[torch.Tensor, torch.Tensor] | None = None  # see _stacked_factors
-        self._stack_key: tuple[tuple[int | float, ...], ...] | None = None
+        self._stack_key: tuple[object, ...] | None = None
 
     @property
     def in_features(self) -> int:
@@ -123,20 +154,19 @@ class MultiLoRALinear(nn.Module):
         if x.shape[0] != batch.num_rows:
             raise RuntimeError(f"{self.name}: batch has {x.shape[0]} rows, LoraBatch says {batch.num_rows}")
         backend = self.context.backend
-        lora_dtype = self.slots[active[0].slot].A.dtype
         if backend == "auto":
             if len(active) == 1:
                 backend = "segment"
             elif x.numel() // x.shape[-1] <= STACKED_MAX_TOKENS:
                 backend = "stacked"
             else:
-                backend = "grouped" if grouped_mm_supported(x.device, lora_dtype) else "segment"
+                backend = "grouped" if grouped_mm_fast(x, self.in_features, self.out_features) else "segment"
         if backend == "reference":
             return out + self._delta_reference(x, active).to(out.dtype)
         if backend == "stacked":
             return out + self._delta_stacked(x, active, batch).to(out.dtype)
         if backend == "grouped":
-            return out + self._delta_grouped(x, batch.runs).to(out.dtype)
+            return out + self._delta_grouped(x, batch.runs, batch).to(out.dtype)
         return self._add_delta_segments(out, x, batch.runs)
 
     def _add_delta_segments(self, out: torch.Tensor, x: torch.Tensor, runs: list[Run]) -> torch.Tensor:
@@ -153,8 +183,8 @@ class MultiLoRALinear(nn.Module):
             if pair is None:
                 deltas.append(out.new_zeros(*xs.shape[:-1], self.out_features))
                 continue
-            hidden = (xs.to(pair.A.dtype) @ pair.A.t()) * pair.scale
-            deltas.append((hidden @ pair.B.t()).to(out.dtype))
+            hidden = (xs @ pair.A.to(xs.dtype).t()) * pair.scale
+            deltas.append((hidden @ pair.B.to(xs.dtype).t()).to(out.dtype))
         return out + (torch.cat(deltas) if len(deltas) > 1 else deltas[0])
 
     def _delta_stacked(self, x: torch.Tensor, active: list[Run], batch: LoraBatch) -> torch.Tensor:
@@ -168,8 +198,8 @@ class MultiLoRALinear(nn.Module):
         slots = list(dict.fromkeys(run.slot for run in active))
         pairs = [self.slots[slot] for slot in slots]
         ranks = [pair.A.shape[0] for pair in pairs]
-        dtype = pairs[0].A.dtype
-        key = ("stacked-mask", tuple(zip(slots, ranks, [pair.scale for pair in pairs], strict=True)))
+        dtype = x.dtype
+        key = ("stacked-mask", dtype, tuple(zip(slots, ranks, [pair.scale for pair in pairs], strict=True)))
         mask = batch.scratch.get(key)
         if mask is None:
             offsets = dict(zip(slots, itertools.accumulate([0, *ranks[:-1]]), strict=True))
@@ -179,13 +209,16 @@ class MultiLoRALinear(nn.Module):
                 mask[run.start : run.end, offsets[run.slot] : offsets[run.slot] + pair.A.shape[0]] = pair.scale
             mask = mask.to(x.device)
             batch.scratch[key] = mask
-        a_t, b_t = self._stacked_factors(slots, pairs)
-        hidden = x.to(dtype) @ a_t
+        a_t, b_t = self._stacked_factors(slots, pairs, dtype)
+        hidden = x @ a_t
         hidden = hidden * mask.view(mask.shape[0], *([1] * (x.dim() - 2)), mask.shape[1])
         return hidden @ b_t
 
-    def _stacked_factors(self, slots: list[int], pairs: list[LoraPair]) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[A_1; ...; A_K].T`` and ``[B_1, ..., B_K].T``, reused across decode steps while nothing changed.
+    def _stacked_factors(
+        self, slots: list[int], pairs: list[LoraPair], dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[A_1; ...; A_K].T`` and ``[B_1, ..., B_K].T`` in ``dtype``, reused across decode steps while nothing
+        changed.
 
         Concatenating every adapter's factors in every layer at every step was half of a mixed decode
         step on CPU. Without autograd the stacks are reused while the same slots hold the same storage at
@@ -194,55 +227,69 @@ class MultiLoRALinear(nn.Module):
         sampling never sees stale weights. With autograd on (training) the stack is built fresh, inside the graph.
         """
         if torch.is_grad_enabled():
-            return torch.cat([p.A for p in pairs]).t(), torch.cat([p.B for p in pairs], dim=1).t()
-        key = tuple(
-            (slot, p.A.data_ptr(), p.A._version, p.B.data_ptr(), p.B._version, p.scale)
-            for slot, p in zip(slots, pairs, strict=True)
+            a_t = torch.cat([p.A for p in pairs]).to(dtype).t()
+            return a_t, torch.cat([p.B for p in pairs], dim=1).to(dtype).t()
+        key = (
+            dtype,
+            *(
+                (slot, p.A.data_ptr(), p.A._version, p.B.data_ptr(), p.B._version, p.scale)
+                for slot, p in zip(slots, pairs, strict=True)
+            ),
         )
         if self._stack_key != key or self._stack is None:
-            a_t = torch.cat([p.A for p in pairs]).t().contiguous()
-            b_t = torch.cat([p.B for p in pairs], dim=1).t().contiguous()
+            a_t = torch.cat([p.A for p in pairs]).to(dtype).t().contiguous()
+            b_t = torch.cat([p.B for p in pairs], dim=1).to(dtype).t().contiguous()
             self._stack, self._stack_key = (a_t, b_t), key
         return self._stack
 
-    def _delta_grouped(self, x: torch.Tensor, runs: list[Run]) -> torch.Tensor:
-        """All runs in two grouped GEMMs; ranks are zero-padded to the largest, which adds nothing."""
+    def _delta_grouped(self, x: torch.Tensor, runs: list[Run], batch: LoraBatch) -> torch.Tensor:
+        """All runs in two grouped GEMMs. Ranks are zero-padded to the largest, rounded up to 16 bytes
+        (``GROUPED_MM_ALIGN_BYTES``), and base-only runs get all-zero factors: padding adds exact zeros.
+
+        The scale is folded into ``A`` in the factors' fp32 before the cast, so it is rounded once.
+        """
         lead = x.shape[1:-1]
         rows_per = math.prod(lead) if lead else 1
         flat = x.reshape(-1, x.shape[-1])
         pairs = [self.slots.get(run.slot) for run in runs]
-        present = [p for p in pairs if p is not None]
-        dtype, device = present[0].A.dtype, present[0].A.device
-        r_max = max(p.A.shape[0] for p in present)
+        align = max(1, GROUPED_MM_ALIGN_BYTES // x.element_size())
+        r_max = max(p.A.shape[0] for p in pairs if p is not None)
+        r_pad = -(-r_max // align) * align
         a_stack, b_stack = [], []
         for pair in pairs:
             if pair is None:
-                a_stack.append(torch.zeros(self.in_features, r_max, dtype=dtype, device=device))
-                b_stack.append(torch.zeros(r_max, self.out_features, dtype=dtype, device=device))
+                a_stack.append(x.new_zeros(self.in_features, r_pad))
+                b_stack.append(x.new_zeros(r_pad, self.out_features))
                 continue
-            pad = r_max - pair.A.shape[0]
-            a_t = pair.A.t() * pair.scale
-            b_t = pair.B.t()
+            pad = r_pad - pair.A.shape[0]
+            a_t = (pair.A.t() * pair.scale).to(x.dtype)
+            b_t = pair.B.t().to(x.dtype)
             if pad:
                 a_t = torch.nn.functional.pad(a_t, (0, pad))
                 b_t = torch.nn.functional.pad(b_t, (0, 0, 0, pad))
             a_stack.append(a_t)
             b_stack.append(b_t)
-        offs = torch.tensor([run.end * rows_per for run in runs], dtype=torch.int32, device=device)
-        xs = flat.to(dtype)
-        hidden = torch._grouped_mm(xs, torch.stack(a_stack), offs=offs)
+        key = ("grouped-offsets", rows_per, x.device)
+        offs = batch.scratch.get(key)
+        if offs is None:  # one host-to-device copy per batch, not one per layer
+            offs = torch.tensor([run.end * rows_per for run in runs], dtype=torch.int32).to(x.device)
+            batch.scratch[key] = offs
+        hidden = torch._grouped_mm(flat, torch.stack(a_stack), offs=offs)
         delta = torch._grouped_mm(hidden, torch.stack(b_stack), offs=offs)
+        if delta.requires_grad:
+            # The kernel's backward takes the incoming gradient as it comes, and an expanded one (from a
+            # ``.sum()`` downstream) fails its stride check.
+            delta.register_hook(torch.Tensor.contiguous)
         return delta.reshape(*x.shape[:-1], self.out_features)
 
     def _delta_reference(self, x: torch.Tensor, active: list[Run]) -> torch.Tensor:
         """The plain path for tests: a full-batch delta per adapter, masked to its rows."""
-        pair0 = self.slots[active[0].slot]
-        delta = torch.zeros(*x.shape[:-1], self.out_features, dtype=pair0.A.dtype, device=x.device)
+        delta = x.new_zeros(*x.shape[:-1], self.out_features)
         for run in active:
             pair = self.slots[run.slot]
             mask = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
             mask[run.start : run.end] = True
-            full = (x.to(pair.A.dtype) @ pair.A.t()) @ pair.B.t() * pair.scale
+            full = (x @ pair.A.to(x.dtype).t()) @ pair.B.to(x.dtype).t() * pair.scale
             shape = (x.shape[0],) + (1,) * (x.dim() - 1)
             delta = delta + torch.where(mask.view(shape), full, torch.zeros_like(full))
         return delta

@@ -8,6 +8,9 @@ the datum fields to one loss per row. ``w`` is the per-token weight (zero on pro
 - ``importance_sampling``:  -sum w * exp(lp - q) * adv
 - ``ppo``:                  -sum w * min(r * adv, clip(r, 1 - eps_low, 1 + eps_high) * adv),  r = exp(lp - q)
 - ``cispo``:                -sum w * sg(clip(r, 1 - eps_low, 1 + eps_high)) * lp * adv
+
+``target_logprobs`` computes ``lp`` itself from the model's last hidden states without ever holding
+the full ``[tokens, vocab]`` log-softmax (see its docstring).
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from hotlora.engine.errors import InvalidRequest
 
@@ -27,6 +32,9 @@ ALLOWED_CONFIG: dict[str, frozenset[str]] = {
     "cispo": CLIP_KEYS,
 }
 DEFAULT_CLIP_EPSILON = 0.2
+# Logits held at once by ``target_logprobs``: 2**26 fp32 values (256 MiB), i.e. 441 tokens of a
+# 151936-word vocabulary (Qwen3) or 2048 tokens of a 32768-word one.
+LOGITS_PER_CHUNK = 1 << 26
 
 
 @dataclass
@@ -103,3 +111,39 @@ def compute_loss(loss_fn: str, inputs: LossInputs, config: Mapping[str, float]) 
     """Per-row losses ``[rows]`` of one loss function."""
     validate_loss_config(loss_fn, config)
     return LOSSES[loss_fn](inputs, config)
+
+
+def _chunk_logprobs(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor
+) -> torch.Tensor:
+    logits = F.linear(hidden, weight, bias).float()
+    return torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None]).squeeze(-1)
+
+
+def target_logprobs(
+    hidden: torch.Tensor, head: torch.nn.Linear, targets: torch.Tensor, chunk_tokens: int | None = None
+) -> torch.Tensor:
+    """fp32 logprob of ``targets[i]`` under ``log_softmax(head(hidden[i]))`` for every row ``i``, differentiable
+    in ``hidden``.
+
+    Full-vocabulary fp32 logits of a whole micro-batch (8192 tokens of Qwen3's 151936 words: 5 GB, and
+    autograd kept their log-softmax too) were the largest tensors of a training step. Here at most
+    ``chunk_tokens`` rows (default: ``LOGITS_PER_CHUNK`` logits' worth) have logits at once: beyond one
+    chunk, each is checkpointed, so the forward keeps only its fp32 result and the backward recomputes
+    its logits (one more head matmul) when it gets there, one chunk at a time. The ops per row are the
+    unchunked ones (logits in the head's dtype, then fp32 ``log_softmax``), so the results are too.
+    The head must be frozen.
+    """
+    if head.weight.requires_grad or (head.bias is not None and head.bias.requires_grad):
+        raise ValueError("target_logprobs gives the output head no gradient; it must be frozen")
+    if hidden.dim() != 2 or targets.shape != hidden.shape[:1]:
+        raise ValueError(f"want hidden [N, H] and targets [N], got {tuple(hidden.shape)} and {tuple(targets.shape)}")
+    chunk = chunk_tokens or max(1, LOGITS_PER_CHUNK // head.out_features)
+    if hidden.shape[0] <= chunk:  # one chunk's logits are cheap enough to keep: nothing to recompute
+        return _chunk_logprobs(hidden, head.weight, head.bias, targets)
+    pieces = [
+        # No randomness inside: nothing to replay, so no RNG state to stash per chunk.
+        checkpoint(_chunk_logprobs, h, head.weight, head.bias, t, use_reentrant=False, preserve_rng_state=False)
+        for h, t in zip(hidden.split(chunk), targets.split(chunk), strict=True)
+    ]
+    return torch.cat(pieces)

@@ -6,19 +6,28 @@ to run one micro-batch or one optimizer step at a time.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.modeling_layers import GradientCheckpointingLayer
 
-from hotlora.engine.adapters import Adapter, AdapterRegistry, ordered_parameter_keys
+from hotlora.engine.adapters import (
+    DEFAULT_RESIDENT_MEMORY_FRACTION,
+    Adapter,
+    AdapterRegistry,
+    ordered_parameter_keys,
+)
 from hotlora.engine.base_model import BaseModel, load_base_model
 from hotlora.engine.batching import MicroBatch, ResultAssembler, collate, pack_forward_backward
 from hotlora.engine.checkpoint import LoadedAdapter, load_checkpoint, save_checkpoint
 from hotlora.engine.errors import CheckpointError, HotLoraError, InvalidRequest
 from hotlora.engine.lora import inject_multi_lora, lora_batch
-from hotlora.engine.losses import compute_loss, validate_loss_config
+from hotlora.engine.losses import compute_loss, target_logprobs, validate_loss_config
 from hotlora.engine.types import (
     AdamParams,
     Datum,
@@ -29,6 +38,9 @@ from hotlora.engine.types import (
 )
 
 RL_LOSSES = frozenset({"importance_sampling", "ppo", "cispo"})
+# Config fields (the known ones) of models that transform their logits after the output head. Training
+# computes logprobs from the head directly (``losses.target_logprobs``): such a model would train wrong.
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "lm_head_multiplier")
 
 
 @dataclass
@@ -37,7 +49,9 @@ class RunnerConfig:
 
     ``token_budget`` caps padded tokens per micro-batch. ``max_adapters`` caps registered adapters and
     ``resident_slots`` (default: ``max_adapters``) those resident on the device at once; the rest wait
-    on ``host_device`` and reload on their next use.
+    on ``host_device`` and reload on their next use. ``gradient_checkpointing`` keeps only each decoder
+    layer's input through a training forward and recomputes the rest in the backward (about a third
+    more compute for a fraction of the activation memory).
     """
 
     token_budget: int = 8192
@@ -45,6 +59,9 @@ class RunnerConfig:
     max_adapters: int = 256
     resident_slots: int | None = None
     host_device: str = "cpu"
+    gradient_checkpointing: bool = False
+    # CUDA without ``resident_slots``: the share of free device memory resident adapters may fill.
+    resident_memory_fraction: float = DEFAULT_RESIDENT_MEMORY_FRACTION
 
 
 @dataclass(frozen=True)
@@ -65,13 +82,16 @@ class ModelRunner:
         self.base = base
         self.config = config or RunnerConfig()
         self.model = base.model
+        self.body, self.head = decoder_and_head(self.model)
         self.lora = inject_multi_lora(self.model, self.config.lora_backend)
+        self._checkpointed = enable_gradient_checkpointing(self.model) if self.config.gradient_checkpointing else []
         self.adapters = AdapterRegistry(
             self.lora,
             base.device,
             max_adapters=self.config.max_adapters,
             resident_slots=self.config.resident_slots,
             host_device=self.config.host_device,
+            resident_memory_fraction=self.config.resident_memory_fraction,
         )
         # Called with each training micro-batch before it runs (engine.observability); None costs nothing.
         self.micro_batch_hook: Callable[[MicroBatch], None] | None = None
@@ -158,7 +178,38 @@ class ModelRunner:
 
         When the calls name more adapters than can be resident beside the pinned ones, they run in
         groups (see ``resident_groups``), each acquired (and so given valid slots) before packing.
+        All or nothing for the gradients: if anything fails (say, out of memory in the third
+        micro-batch), every adapter's ``.grad`` is left exactly as it was, so a retry counts nothing twice.
         """
+        with self._step_gradients(dict.fromkeys(call.adapter_id for call in calls)):
+            return self._run_calls(calls)
+
+    @contextmanager
+    def _step_gradients(self, adapter_ids: Iterable[str]) -> Iterator[None]:
+        """Run a step into fresh gradients; add the earlier ones back after it, or restore them if it fails.
+
+        The earlier gradients are held aside, not copied. They stay where they were even if the step
+        offloads their adapter; the sum or the restored tensor goes wherever the parameter is by then.
+        """
+        params = [p for adapter_id in adapter_ids for p in self.adapters.get(adapter_id).parameters()]
+        earlier = [p.grad for p in params]
+        for p in params:
+            p.grad = None
+        try:
+            yield
+        except BaseException:
+            for p, grad in zip(params, earlier, strict=True):
+                p.grad = None if grad is None else grad.to(p.device)
+            raise
+        with torch.no_grad():
+            for p, grad in zip(params, earlier, strict=True):
+                if grad is None:
+                    continue
+                new = p.grad
+                # ``earlier + new`` in that order, as autograd's accumulation would have added them.
+                p.grad = grad.to(p.device) if new is None else grad.to(p.device).add_(new)
+
+    def _run_calls(self, calls: Sequence[ForwardBackwardCall]) -> list[ForwardBackwardOutput]:
         outputs: list[ForwardBackwardOutput | None] = [None] * len(calls)
         for group in self.resident_groups(calls):
             group_calls = [calls[i] for i in group]
@@ -199,19 +250,42 @@ class ModelRunner:
     def run_micro_batch(
         self, batch: MicroBatch, calls: Sequence[ForwardBackwardCall]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One forward and one backward over rows of many adapters; gradients accumulate per adapter."""
+        """One forward and one backward over rows of many adapters; gradients accumulate per adapter.
+
+        Logprobs come from the decoder's last hidden states at real positions only, through the output
+        head a chunk at a time (``losses.target_logprobs``); padding positions get 0. The backward runs
+        inside ``lora_batch`` too: checkpointed layers recompute their forward during it.
+        """
         tensors = collate(batch, calls, self.device)
-        with lora_batch(self.lora, batch.slots):
+        rows, width = len(batch.rows), batch.width
+        with lora_batch(self.lora, batch.slots), self._checkpointing():
             # Right padding with a causal mask: real tokens never attend to the padding after them.
-            logits = self.model(input_ids=tensors.input_ids, use_cache=False).logits
-        logprobs = torch.log_softmax(logits.float(), dim=-1)
-        target_logprobs = logprobs.gather(-1, tensors.target_ids.unsqueeze(-1)).squeeze(-1)
-        row_losses = torch.zeros(len(batch.rows), device=self.device)
-        for (loss_fn, config_items), rows in tensors.loss_groups.items():
-            losses = compute_loss(loss_fn, tensors.loss_inputs(rows, target_logprobs), dict(config_items))
-            row_losses = row_losses.index_put((torch.tensor(rows, device=self.device),), losses)
-        row_losses.sum().backward()
-        return row_losses.detach(), target_logprobs.detach()
+            hidden = self.body(input_ids=tensors.input_ids, use_cache=False).last_hidden_state
+            real = hidden.reshape(rows * width, -1).index_select(0, tensors.token_index)
+            targets = tensors.target_ids.reshape(-1).index_select(0, tensors.token_index)
+            flat = target_logprobs(real, self.head, targets)
+            logprobs = flat.new_zeros(rows * width).index_put((tensors.token_index,), flat).view(rows, width)
+            row_losses = torch.zeros(rows, device=self.device)
+            for (loss_fn, config_items), group in tensors.loss_groups.items():
+                losses = compute_loss(loss_fn, tensors.loss_inputs(group, logprobs), dict(config_items))
+                row_losses = row_losses.index_put((torch.tensor(group, device=self.device),), losses)
+            row_losses.sum().backward()
+        return row_losses.detach(), logprobs.detach()
+
+    @contextmanager
+    def _checkpointing(self) -> Iterator[None]:
+        """HF checkpoints a layer only while it is in training mode, and a layer in training mode also drops
+        the KV cache, which would break decoding: so the checkpointed layers are in training mode only
+        for a training step. Only the layer objects themselves: dropout lives in their children, which
+        stay in eval mode.
+        """
+        for layer in self._checkpointed:
+            layer.training = True
+        try:
+            yield
+        finally:
+            for layer in self._checkpointed:
+                layer.training = False
 
     def optim_step(self, adapter_id: str, params: AdamParams | None = None) -> OptimStepOutput:
         adapter = self.adapters.acquire([adapter_id])[adapter_id]
@@ -310,3 +384,28 @@ class ModelRunner:
         adapter.optimizer.last_params = loaded.adam_params
         if loaded.rng_state is not None:
             adapter.generator.set_state(loaded.rng_state)
+
+
+def decoder_and_head(model: PreTrainedModel) -> tuple[nn.Module, nn.Linear]:
+    """The causal LM's decoder stack (up to its final norm) and its output head, for ``run_micro_batch``."""
+    for name in LOGIT_TRANSFORMS:
+        value = getattr(model.config, name, None)
+        if value is not None and value != 1:
+            raise InvalidRequest(f"the base model transforms its logits after the output head ({name}={value})")
+    body = model.base_model
+    head = model.get_output_embeddings()
+    if body is model or not isinstance(head, nn.Linear):
+        raise InvalidRequest(f"{type(model).__name__} is not a causal LM with a decoder and a linear output head")
+    return body, head
+
+
+def enable_gradient_checkpointing(model: PreTrainedModel) -> list[nn.Module]:
+    """Non-reentrant checkpointing of every decoder layer; returns the layers (see ``_checkpointing``)."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # Only reentrant checkpointing needs the embeddings' output to require grad; with it, autograd would
+    # also compute the gradient of the first layer's input, which nothing uses.
+    model.disable_input_require_grads()
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
+    if not layers:
+        raise InvalidRequest(f"{type(model).__name__} has no layers that support gradient checkpointing")
+    return layers

@@ -1,17 +1,40 @@
 """The native sampler: continuous batching of many LoRA adapters over one hot base model.
 
-Each ``step`` admits waiting requests while rows are free (one prefill forward per request; its ``n``
-rows share that prompt's KV cache), runs ONE decode forward over every running row of every adapter,
-and retires the rows that stopped. Rows of one adapter sit next to each other, so every LoRA layer
-sees one run per adapter. The KV cache is the model's own ``DynamicCache``, left-padded: all rows
-share one width, each row's real tokens are right-aligned, the attention mask hides the padding and
-explicit ``position_ids`` give each row its own positions, so a row's tokens never depend on what
-else is in the batch. The LoRA layers read the adapters' live tensors, so weights are never copied or
-synced: an ``optim_step`` changes what the very next forward reads. The engine therefore holds an
-adapter's ``optim_step`` while ``active_adapters`` names it, so one sequence never mixes two versions.
+Each ``step`` admits waiting requests while rows and KV memory are free (one prefill forward for all of
+them; a request's ``n`` rows share its prompt's KV), runs ONE decode forward over every running row of
+every adapter, and retires the rows that stopped. Rows of one adapter sit next to each other in the
+batch, so every LoRA layer sees one run per adapter. The LoRA layers read the adapters' live tensors, so
+weights are never copied or synced: an ``optim_step`` changes what the very next forward reads. The
+engine therefore holds an adapter's ``optim_step`` while ``active_adapters`` names it, so one sequence
+never mixes two versions.
 
-Reported logprobs are the raw log-softmax (temperature 1, no top-p/k) of the sampled token, which is
-what the trainer computes, so RL importance ratios are exactly 1 at zero staleness.
+**KV cache.** A preallocated ``KVStore`` (``engine.kv_cache``): row ``r``'s token at position ``p`` sits
+in column ``p`` of the store, and each decode step writes its new token there in place. Nothing is
+copied per step: the store grows by doubling (amortised O(1) per token), a joining request's prompt is
+written once by its prefill, and a leaving row is overwritten by one live row from the end (so the
+store's row order differs from the batch's; the decode attention carries the permutation). Decode
+attends over the longest live row's columns with an additive mask, and explicit ``position_ids`` give
+each row its own positions, so what a row attends to never depends on what else is in the batch. Admission
+counts KV memory as well as rows: a request waits until ``rows x longest possible row`` fits
+``max_kv_bytes``, so decoding can never run out of KV memory midway.
+
+**Attention.** Decode forwards switch the model to ``engine.decode_attention``, which computes grouped-
+query attention for one-token queries without ``repeat_kv``; prefills and training keep transformers'
+stock SDPA. A prefill is right-padded (prompts start at column 0), so its causal attention needs no
+padding mask and keeps SDPA's causal kernels.
+
+**Host syncs.** One per decode step: the sampled tokens and their logprobs come back in one transfer.
+Everything else a step needs (positions, masks, uniforms through a pinned buffer) stays on the device or
+goes to it asynchronously; per-row tensors are rebuilt on the host only when rows join or leave (and
+the LoRA layers' per-batch tensors are kept until then too, so they are uploaded once per layout).
+
+**Numerics.** Reported logprobs are the raw log-softmax (temperature 1, no top-p/k) of the sampled
+token, which is what the trainer computes. In fp32 they equal the trainer's to about 1e-5 (so RL
+importance ratios start at 1), and a row's tokens are the same alone or in any batch, its logprobs equal
+up to float rounding (the tests' spine). Those equalities hold in fp32 only. In bf16 the sampler's decode
+and the trainer's full-sequence forward round differently: their logprobs differ at about 1e-2 per
+token (the tiny test model on CPU: mean 6e-3, 99th percentile 4e-2), and a row's tokens can change
+with what else is in its batch, so batch invariance is not claimed in bf16.
 """
 
 from __future__ import annotations
@@ -25,17 +48,20 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
-from transformers import DynamicCache
+from transformers import PretrainedConfig
 
 from hotlora.engine.adapters import Adapter
+from hotlora.engine.decode_attention import DecodePlan, decode_attention, padding_bias
 from hotlora.engine.errors import CapacityExceeded, HotLoraError, InvalidRequest, UnknownAdapter
+from hotlora.engine.kv_cache import KVStore, StoreCache, to_device, upload
 from hotlora.engine.lora import lora_batch
 from hotlora.engine.runner import ModelRunner
 
 # Extra tokens decoded before a stop string's worth of bytes, so a multi-byte character cut at the
 # window's start cannot hide a match.
 STOP_TAIL_MARGIN = 3
+# Share of the device memory free at start that the KV store may take by default (see default_kv_bytes).
+KV_MEMORY_FRACTION = 0.5
 
 
 def _is_int(value: object) -> bool:
@@ -145,6 +171,11 @@ class _Request:
     remaining: int = 0
     pinned: bool = False  # holds one pin on its adapter (resident, fixed slot) from admission to release
 
+    @property
+    def columns(self) -> int:
+        """KV columns each of its rows fills by its last step: the prompt minus the token decode feeds, plus outputs."""
+        return len(self.request.prompt_tokens) - 1 + self.request.params.max_tokens
+
 
 @dataclass(eq=False)
 class _Row:
@@ -155,6 +186,7 @@ class _Row:
     generator: torch.Generator | None
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    kv_row: int = -1  # its row in the KV store (not its place in the batch)
 
     @property
     def cached(self) -> int:
@@ -166,16 +198,20 @@ class _Row:
         return (self.req.slot, self.req.order, self.index)
 
 
+def _inverse(store_rows: list[int]) -> list[int] | None:
+    """Batch row of each store row, or None when the two orders agree."""
+    if store_rows == list(range(len(store_rows))):
+        return None
+    inverse = [0] * len(store_rows)
+    for batch_row, store_row in enumerate(store_rows):
+        inverse[store_row] = batch_row
+    return inverse
+
+
 def sequence_seed(seed: int, index: int) -> int:
     """A generator seed for sequence ``index`` of a seeded request: stable, and distinct per (seed, index)."""
     digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
-
-
-def _left_pad(kv: torch.Tensor, width: int) -> torch.Tensor:
-    """Zero columns on the left of a ``[rows, heads, seq, dim]`` tensor; the mask hides them."""
-    missing = width - kv.shape[2]
-    return F.pad(kv, (0, 0, missing, 0)) if missing else kv
 
 
 def _invert_cdf(cdf: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -186,16 +222,35 @@ def _invert_cdf(cdf: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(cdf, target[:, None].contiguous(), right=True).squeeze(1)
 
 
-class NativeSampler:
-    """Continuous-batching sampler over the runner's model; see the module docstring."""
+def default_kv_bytes(device: torch.device) -> int | None:
+    """Half the device memory free (to this process) when the sampler starts on CUDA; no bound elsewhere.
 
-    def __init__(self, runner: ModelRunner, max_rows: int = 64) -> None:
+    The other half is left to prefill and decode activations, logits, and the training steps that
+    interleave with sampling on the same device.
+    """
+    if device.type != "cuda":
+        return None
+    free, _total = torch.cuda.mem_get_info(device)
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return int((free + cached) * KV_MEMORY_FRACTION)
+
+
+class NativeSampler:
+    """Continuous-batching sampler over the runner's model; see the module docstring.
+
+    ``max_kv_bytes`` bounds the KV store (None: ``default_kv_bytes``); a request waits until its rows fit.
+    """
+
+    def __init__(self, runner: ModelRunner, max_rows: int = 64, max_kv_bytes: int | None = None) -> None:
         if not _is_int(max_rows) or max_rows < 1:
             raise InvalidRequest(f"max_rows must be a positive integer, got {max_rows!r}")
+        if max_kv_bytes is not None and (not _is_int(max_kv_bytes) or max_kv_bytes < 1):
+            raise InvalidRequest(f"max_kv_bytes must be a positive integer or None, got {max_kv_bytes!r}")
         config = runner.model.config.get_text_config(decoder=True)
         layer_types = getattr(config, "layer_types", None) or ()
         if any(kind != "full_attention" for kind in layer_types):
-            # Left padding shifts a row's columns, which a sliding window or linear attention would misread.
+            # A row's columns are its positions over the whole prefix, which a sliding window or linear
+            # attention layer would not read.
             raise InvalidRequest(
                 f"the native sampler needs full attention in every layer, got {sorted(set(layer_types))}"
             )
@@ -207,16 +262,32 @@ class NativeSampler:
         self.vocab_size = runner.base.vocab_size
         self.eos_ids = self._eos_ids()
         self.generator = torch.Generator(device="cpu").manual_seed(0)  # base rows without a seed
+        self.max_kv_bytes = default_kv_bytes(self.device) if max_kv_bytes is None else max_kv_bytes
+        self._store = self._new_store(config, self.max_kv_bytes)
         self._waiting: deque[_Request] = deque()
         self._requests: dict[str, _Request] = {}  # unfinished: waiting or running
-        self._rows: list[_Row] = []
-        self._cache: DynamicCache | None = None
-        self._width = 0  # columns in the KV cache, shared by all rows
+        self._rows: list[_Row] = []  # batch order: grouped by adapter slot
         self._ready: list[tuple[str, list[SampledSequence]]] = []  # finished under sample(), owed to step()
         self._failures: dict[str, HotLoraError] = {}
         self._order = itertools.count()
         self._sample_ids = itertools.count()
         self._rebuild()
+
+    def _new_store(self, config: PretrainedConfig, max_kv_bytes: int | None) -> KVStore:
+        """An empty store shaped like the model's K/V, its token budget being ``max_kv_bytes`` (None: none)."""
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        store = KVStore(
+            num_layers=config.num_hidden_layers,
+            kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+            head_dim=head_dim,
+            dtype=self.runner.base.dtype,
+            device=self.device,
+            max_rows=self.max_rows,
+        )
+        if max_kv_bytes is not None:
+            store.max_tokens = max(1, max_kv_bytes // store.bytes_per_token)
+        return store
 
     def _eos_ids(self) -> frozenset[int]:
         ids: set[int] = set()
@@ -250,6 +321,12 @@ class NativeSampler:
             results=[None] * request.n,
             remaining=request.n,
         )
+        budget = self._store.max_tokens
+        if budget is not None and request.n * state.columns > budget:
+            raise CapacityExceeded(
+                f"request {rid!r} needs {request.n} x {state.columns} KV tokens, more than the sampler's whole "
+                f"budget of {budget} ({self._store.bytes_per_token} bytes each)"
+            )
         self._requests[rid] = state
         self._waiting.append(state)
 
@@ -283,7 +360,7 @@ class NativeSampler:
         self._requests.clear()
         self._waiting.clear()
         self._rows = []
-        self._set_cache([], 0)
+        self._store.release()
         self._rebuild()
         return request_ids
 
@@ -349,10 +426,10 @@ class NativeSampler:
             self._failures[rid] = UnknownAdapter(f"adapter {adapter_id!r} was deleted while request {rid!r} ran")
 
     def _admit(self) -> None:
-        """First come, first served: a request that does not fit waits, and so do the ones behind it."""
-        free = self.max_rows - len(self._rows)
+        """First come, first served: a request that does not fit (rows or KV memory) waits, as do those behind it."""
+        rows, widest = len(self._rows), self._widest
         admitted: list[_Request] = []
-        while self._waiting and self._waiting[0].request.n <= free:
+        while self._waiting and self._fits(self._waiting[0], rows, widest):
             state = self._waiting[0]
             if state.adapter is not None:
                 try:
@@ -361,85 +438,83 @@ class NativeSampler:
                     break  # every resident slot is pinned by running rows: wait for some to finish
                 state.pinned = True
             self._waiting.popleft()
-            free -= state.request.n
+            rows += state.request.n
+            widest = max(widest, state.columns)
             admitted.append(state)
         if admitted:
-            self._merge(list(zip(admitted, self._prefill(admitted), strict=True)))
+            self._join(admitted)
 
-    def _prefill(self, states: list[_Request]) -> list[list[tuple[torch.Tensor, torch.Tensor]] | None]:
-        """KV of each prompt minus its last token (the decode step feeds that one, and samples).
+    def _fits(self, state: _Request, rows: int, widest: int) -> bool:
+        """Room for the request's rows beside ``rows`` others, each as long as the longest may get."""
+        rows += state.request.n
+        if rows > self.max_rows:
+            return False
+        budget = self._store.max_tokens
+        return budget is None or rows * max(widest, state.columns) <= budget
 
-        All admitted prompts go through ONE forward, left-padded, rows grouped by adapter slot: a mixed-
-        adapter micro-batch, so the cost of admitting k requests is one forward, not k. Each request's KV
-        comes back without the padding columns, exactly the shape a lone prefill would give.
-        """
-        for state in states:
+    def _join(self, admitted: list[_Request]) -> None:
+        """Give the admitted requests store rows, write their prompts' KV there, and merge their rows in."""
+        for state in admitted:
             state.version = 0 if state.adapter is None else state.adapter.version
-        todo = sorted(
-            (i for i, s in enumerate(states) if len(s.request.prompt_tokens) > 1), key=lambda i: states[i].slot
-        )
-        found: list[list[tuple[torch.Tensor, torch.Tensor]] | None] = [None] * len(states)
-        if not todo:
-            return found
-        lengths = [len(states[i].request.prompt_tokens) - 1 for i in todo]
-        width = max(lengths)
-        ids = torch.zeros(len(todo), width, dtype=torch.long)
-        for row, (i, length) in enumerate(zip(todo, lengths, strict=True)):
-            ids[row, width - length :] = torch.tensor(states[i].request.prompt_tokens[:-1])
-        pad = torch.tensor([width - length for length in lengths])
-        columns = torch.arange(width)
-        mask = columns[None, :] >= pad[:, None]
-        positions = (columns[None, :] - pad[:, None]).clamp(min=0)
-        cache = DynamicCache()
-        with lora_batch(self.runner.lora, [states[i].slot for i in todo]):
+        prefilled = sorted((s for s in admitted if len(s.request.prompt_tokens) > 1), key=lambda s: s.slot)
+        first = self._store.rows
+        width = max((len(s.request.prompt_tokens) - 1 for s in prefilled), default=0)
+        widest = max([self._widest] + [s.columns for s in admitted])
+        total = sum(s.request.n for s in admitted)
+        self._store.reserve(first + total, width, used_cols=self._longest, max_cols=widest)
+        if prefilled:
+            self._prefill(prefilled, first, width)
+        new_rows, sources, copies = self._place(admitted, prefilled, first)
+        self._store.rows = first + total
+        self._store.copy_rows(sources, copies, width)
+        self._rows = sorted(self._rows + new_rows, key=lambda row: row.sort_key)
+        self._rebuild()
+
+    def _place(
+        self, admitted: list[_Request], prefilled: list[_Request], first: int
+    ) -> tuple[list[_Row], list[int], list[int]]:
+        """New rows with their store rows, and the (source, copy) store rows that share a prefilled prompt.
+
+        Store rows ``[first, first + m)`` go to the first sequence of each of the ``m`` prefilled requests
+        (the prefill writes that block); then come their other sequences, copies of the first one's
+        columns, and the rows of one-token prompts, which have nothing cached yet.
+        """
+        written = {id(s): first + i for i, s in enumerate(prefilled)}
+        spare = itertools.count(first + len(prefilled))
+        rows: list[_Row] = []
+        sources: list[int] = []
+        copies: list[int] = []
+        for state in admitted:
+            for index in range(state.request.n):
+                kv_row = written[id(state)] if index == 0 and id(state) in written else next(spare)
+                if index > 0 and id(state) in written:
+                    sources.append(written[id(state)])
+                    copies.append(kv_row)
+                rows.append(_Row(state, index, self._row_generator(state, index), kv_row=kv_row))
+        return rows, sources, copies
+
+    def _prefill(self, states: list[_Request], first: int, width: int) -> None:
+        """KV of each prompt minus its last token (the decode step feeds that one, and samples) into store rows.
+
+        All admitted prompts go through ONE forward, grouped by adapter slot: a mixed-adapter micro-batch,
+        so admitting k requests costs one forward, not k. Prompts are right-padded: a real token never
+        attends to the padding after it, so causal attention needs no padding mask, and each prompt's KV
+        lands in columns ``[0, length)``, where decode expects it. Padding columns hold finite garbage
+        past the row's length, which decode masks and then overwrites.
+        """
+        ids = torch.zeros(len(states), width, dtype=torch.long)
+        for row, state in enumerate(states):
+            prompt = state.request.prompt_tokens[:-1]
+            ids[row, : len(prompt)] = torch.tensor(prompt)
+        positions = torch.arange(width, device=self.device)[None, :]
+        with lora_batch(self.runner.lora, [state.slot for state in states]):
             self.model(
-                input_ids=ids.to(self.device),
-                attention_mask=mask.to(self.device),
-                position_ids=positions.to(self.device),
-                past_key_values=cache,
+                input_ids=to_device(ids, self.device),
+                position_ids=positions,
+                past_key_values=StoreCache.prefill(self._store, first),
                 use_cache=True,
                 logits_to_keep=1,
             )
-        for row, (i, length) in enumerate(zip(todo, lengths, strict=True)):
-            found[i] = [
-                (layer.keys[row : row + 1, :, width - length :], layer.values[row : row + 1, :, width - length :])
-                for layer in cache.layers
-            ]
-        return found
-
-    def _merge(self, admitted: list[tuple[_Request, list[tuple[torch.Tensor, torch.Tensor]] | None]]) -> None:
-        """Left-pad running and new KV to one width, stack them, and reorder rows so each slot is contiguous."""
-        new_rows = [
-            _Row(state, index, self._row_generator(state, index))
-            for state, _ in admitted
-            for index in range(state.request.n)
-        ]
-        rows = self._rows + new_rows
-        order = sorted(range(len(rows)), key=lambda i: rows[i].sort_key)
-        width = max([self._width] + [len(s.request.prompt_tokens) - 1 for s, _ in admitted])
-        running = [(layer.keys, layer.values) for layer in self._cache.layers] if self._cache else None
-        # (rows, KV with one row to broadcast or all rows, or None for rows that have no columns yet)
-        sources = [(len(self._rows), running)] + [(s.request.n, kv) for s, kv in admitted]
-        sources = [(count, kv) for count, kv in sources if count > 0]
-        template = next((kv for _, kv in sources if kv is not None), None)
-        layers: list[tuple[torch.Tensor, torch.Tensor]] = []
-        if template is not None:
-            perm = None if order == list(range(len(rows))) else torch.tensor(order, device=self.device)
-            for layer_index, pair in enumerate(template):
-                merged = []
-                for which, ref in enumerate(pair):
-                    parts = [
-                        ref.new_zeros(count, ref.shape[1], width, ref.shape[3])
-                        if kv is None
-                        else _left_pad(kv[layer_index][which], width).expand(count, -1, -1, -1)
-                        for count, kv in sources
-                    ]
-                    stacked = torch.cat(parts, dim=0)
-                    merged.append(stacked if perm is None else stacked.index_select(0, perm))
-                layers.append((merged[0], merged[1]))
-        self._rows = [rows[i] for i in order]
-        self._set_cache(layers, width)
-        self._rebuild()
 
     def _row_generator(self, state: _Request, index: int) -> torch.Generator | None:
         params = state.request.params
@@ -449,75 +524,79 @@ class NativeSampler:
             return torch.Generator(device="cpu").manual_seed(sequence_seed(params.seed, index))
         return self.generator if state.adapter is None else state.adapter.generator
 
-    def _set_cache(self, layers: list[tuple[torch.Tensor, torch.Tensor]], width: int) -> None:
-        self._width = width
-        if not layers:
-            self._cache = None
-            return
-        cache = DynamicCache()
-        for keys, values in layers:
-            cache.layers.append(cache.layer_class_to_replicate())
-            cache.layers[-1].lazy_initialization(keys, values)
-            cache.layers[-1].keys, cache.layers[-1].values = keys, values
-        self._cache = cache
-
     def _retire(self, indices: list[int]) -> None:
-        """Drop rows from the batch and cut the left columns that only padding still occupies."""
+        """Drop rows from the batch; live rows past the new end of the store move into the holes they leave."""
         if not indices:
             return
         gone = set(indices)
-        keep = [i for i in range(len(self._rows)) if i not in gone]
-        self._rows = [self._rows[i] for i in keep]
-        if not self._rows or self._cache is None:
-            self._set_cache([], 0)
+        leaving = [self._rows[i] for i in indices]
+        self._rows = [row for i, row in enumerate(self._rows) if i not in gone]
+        if not self._rows:
+            self._store.release()  # an idle sampler holds no KV memory
         else:
-            trim = self._width - max(row.cached for row in self._rows)
-            index = torch.tensor(keep, device=self.device)
-            layers = [(layer.keys, layer.values) for layer in self._cache.layers]
-            self._set_cache(
-                [(k.index_select(0, index)[:, :, trim:], v.index_select(0, index)[:, :, trim:]) for k, v in layers],
-                self._width - trim,
-            )
+            end = len(self._rows)
+            holes = sorted(row.kv_row for row in leaving if row.kv_row < end)
+            movers = sorted((row for row in self._rows if row.kv_row >= end), key=lambda row: row.kv_row)
+            cols = max((row.cached for row in movers), default=0)
+            self._store.copy_rows([row.kv_row for row in movers], holes, cols)
+            for row, hole in zip(movers, holes, strict=True):
+                row.kv_row = hole
+            self._store.rows = end
         self._rebuild()
 
     def _rebuild(self) -> None:
-        """Per-row tensors of the current batch; they change only when rows join or leave."""
+        """Per-row tensors of the current batch; they change only when rows join or leave (never per step)."""
         rows = self._rows
-        device = self.device
-        params = [row.req.request.params for row in rows]
         self._slots = [row.req.slot for row in rows]
-        self._pad = torch.tensor([self._width - row.cached for row in rows], dtype=torch.long, device=device)
+        self._longest = max((row.cached for row in rows), default=0)
+        self._widest = max((row.req.columns for row in rows), default=0)
+        store_rows = [row.kv_row for row in rows]
+        batch_rows = _inverse(store_rows)
+        lengths = [row.cached for row in rows]
         last = [row.tokens[-1] if row.tokens else row.req.request.prompt_tokens[-1] for row in rows]
-        self._next = torch.tensor(last, dtype=torch.long, device=device)
-        self._temperature = torch.tensor([p.temperature or 1.0 for p in params], device=device)
+        uploaded = upload([lengths, store_rows, batch_rows or [], last], torch.long, self.device)
+        self._lengths, self._store_rows, batch, self._next = uploaded
+        self._batch_rows = None if batch_rows is None else batch
+        self._lora_scratch: dict[object, torch.Tensor] = {}
+        self._rebuild_sampling([row.req.request.params for row in rows])
+        self._rebuild_draws()
+
+    def _rebuild_sampling(self, params: list[SamplingParams]) -> None:
+        """Which rows sample how, and their temperatures and filters."""
         # A row's sampling path depends on its own params only, never on its neighbours: plain rows invert
         # the CDF in vocabulary order, filtered rows (top-k/top-p) in descending-probability order.
         plain = [i for i, p in enumerate(params) if p.temperature > 0 and p.top_k == 0 and p.top_p >= 1.0]
         filtered = [i for i, p in enumerate(params) if p.temperature > 0 and (p.top_k > 0 or p.top_p < 1.0)]
-        self._any_sampled = bool(plain or filtered)
-        self._plain_rows = self._row_index(plain)
-        self._filtered_rows = self._row_index(filtered)
         top_k = [params[i].top_k for i in filtered]
         # top-k alone needs only the k best candidates; a full sort is costly on CPU.
         self._candidates = self.vocab_size if 0 in top_k else min(max(top_k, default=1), self.vocab_size)
-        self._top_k = torch.tensor([k or self.vocab_size for k in top_k], dtype=torch.long, device=device)
-        self._top_p = torch.tensor([params[i].top_p for i in filtered], device=device)
-        # One draw per generator per step: unseeded rows of one adapter share its generator and draw together.
+        limits = [k or self.vocab_size for k in top_k]
+        plain_rows, filtered_rows, self._top_k = upload([plain, filtered, limits], torch.long, self.device)
+        self._any_sampled = bool(plain or filtered)
+        self._plain_rows = plain_rows if plain else None  # the full-batch case stays an index (one cheap gather)
+        self._filtered_rows = filtered_rows if filtered else None
+        temperature, top_p = [p.temperature or 1.0 for p in params], [params[i].top_p for i in filtered]
+        self._temperature, self._top_p = upload([temperature, top_p], torch.float32, self.device)
+
+    def _rebuild_draws(self) -> None:
+        """One draw per generator per step: unseeded rows of one adapter share its generator and draw together."""
         groups: dict[int, tuple[torch.Generator, list[int]]] = {}
-        for i, row in enumerate(rows):
+        for i, row in enumerate(self._rows):
             if row.generator is not None:
                 groups.setdefault(id(row.generator), (row.generator, []))[1].append(i)
         self._gen_groups = [(gen, len(idx)) for gen, idx in groups.values()]
         self._draw_index = torch.tensor([i for _, idx in groups.values() for i in idx], dtype=torch.long)
-
-    def _row_index(self, indices: list[int]) -> torch.Tensor | None:
-        """None when no row is in the group; the full-batch case is kept as an index too (one cheap gather)."""
-        return torch.tensor(indices, dtype=torch.long, device=self.device) if indices else None
+        # Greedy rows keep u = 0; the buffer is pinned on CUDA so the per-step upload is truly asynchronous.
+        self._u_host = torch.zeros(len(self._rows), pin_memory=self.device.type == "cuda")
 
     def _uniforms(self) -> torch.Tensor:
+        """This step's draws, one per sampled row, in batch order; on CUDA uploaded without waiting.
+
+        Refilling the pinned buffer is safe: the previous step's upload finished before that step's one sync.
+        """
         draws = torch.cat([torch.rand(count, generator=gen) for gen, count in self._gen_groups])
-        u = torch.zeros(len(self._rows)).index_copy_(0, self._draw_index, draws)
-        return u.to(self.device, non_blocking=True)
+        self._u_host.index_copy_(0, self._draw_index, draws)
+        return self._u_host.to(self.device, non_blocking=True)  # on CPU: the buffer itself, used at once
 
     def _choose(self, logits: torch.Tensor) -> torch.Tensor:
         """Greedy rows take the argmax; sampled rows invert their (filtered) CDF at one uniform draw each."""
@@ -546,30 +625,43 @@ class NativeSampler:
             chosen.index_copy_(0, rows, vocab_ids.gather(1, pick[:, None]).squeeze(1))
         return chosen
 
-    def _decode(self) -> list[tuple[str, list[SampledSequence]]]:
-        width = self._width
-        columns = torch.arange(width + 1, device=self.device)
-        mask = columns[None, :] >= self._pad[:, None]
-        positions = (width - self._pad)[:, None]
-        cache = self._cache if self._cache is not None else DynamicCache()
-        with lora_batch(self.runner.lora, self._slots):
+    def _forward(self) -> torch.Tensor:
+        """One decode forward over every row: each writes its next token's KV in place; returns fp32 logits."""
+        span = self._longest + 1
+        self._store.reserve(len(self._rows), span, used_cols=self._longest, max_cols=self._widest)
+        lengths = self._lengths if self._batch_rows is None else self._lengths.index_select(0, self._batch_rows)
+        plan = DecodePlan(
+            bias=padding_bias(lengths, span, self.runner.base.dtype),
+            store_rows=None if self._batch_rows is None else self._store_rows,
+            batch_rows=self._batch_rows,
+        )
+        cache = StoreCache.decode(self._store, self._store_rows, self._lengths, span)
+        with lora_batch(self.runner.lora, self._slots) as batch, decode_attention(self.model):
+            # The LoRA layers' per-batch tensors (row masks, group offsets) depend only on the batch's runs,
+            # which change only when rows join or leave: kept across steps, they are uploaded once, not per step.
+            batch.scratch = self._lora_scratch
             out = self.model(
                 input_ids=self._next[:, None],
-                attention_mask=mask,
-                position_ids=positions,
+                position_ids=self._lengths[:, None],
                 past_key_values=cache,
                 use_cache=True,
+                hotlora_decode=plan,
             )
-        self._cache, self._width = cache, width + 1
-        logits = out.logits[:, -1, :].float()
+        self._lengths += 1
+        self._longest = span
+        return out.logits[:, -1, :].float()
+
+    def _decode(self) -> list[tuple[str, list[SampledSequence]]]:
+        logits = self._forward()
         tokens = self._choose(logits)
         logprobs = torch.log_softmax(logits, dim=-1).gather(1, tokens[:, None]).squeeze(1)
         self._next = tokens
-        token_list, logprob_list = tokens.tolist(), logprobs.tolist()
+        # The step's one host sync: tokens (exact in float64) and logprobs come back in one transfer.
+        token_list, logprob_list = torch.stack([tokens.double(), logprobs.double()]).tolist()
         finished: list[int] = []
         completed: list[tuple[str, list[SampledSequence]]] = []
         for i, row in enumerate(self._rows):
-            token = token_list[i]
+            token = int(token_list[i])
             row.tokens.append(token)
             row.logprobs.append(logprob_list[i])
             state = row.req

@@ -262,7 +262,13 @@ class EngineService:
                 gpu_memory_utilization=settings.vllm_gpu_memory_utilization,
                 kv_cache_bytes=settings.vllm_kv_cache_bytes,
             ),
-            runner=RunnerConfig(resident_slots=settings.resident_slots),
+            max_kv_bytes=settings.max_kv_bytes,
+            runner=RunnerConfig(
+                token_budget=settings.token_budget,
+                resident_slots=settings.resident_slots,
+                resident_memory_fraction=settings.resident_memory_fraction,
+                gradient_checkpointing=bool(settings.gradient_checkpointing),
+            ),
         )
         log.info(
             "loading_model", model=self.model, dtype=settings.dtype, device=settings.device, sampler=settings.sampler

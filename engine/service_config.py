@@ -35,6 +35,12 @@ class ServiceConfig:
     metrics_port: int | None = None  # Prometheus /metrics (engine.observability); 0: a free port; None: off
     max_decode_rows: int = 256
     resident_slots: int | None = None
+    # CUDA without resident_slots: the share of device memory left free by the loaded model that
+    # resident adapters may fill (engine.adapters.slots_for_memory); the rest is for activations.
+    resident_memory_fraction: float = 0.25
+    max_kv_bytes: int | None = None  # the native sampler's KV-cache bound; None: half the free GPU memory
+    token_budget: int = 8192  # padded tokens per training micro-batch
+    gradient_checkpointing: int = 0  # 1: recompute each decoder layer's activations in the backward
     sampler: str = "native"
     vllm_max_loras: int = 8
     vllm_max_lora_rank: int = 64
@@ -92,7 +98,15 @@ _FLAGS: dict[str, str] = {
     "heartbeat_interval": "seconds between heartbeat events (default 5)",
     "metrics_port": "serve Prometheus metrics at http://0.0.0.0:PORT/metrics; 0 picks a free port (default: off)",
     "max_decode_rows": "rows in the running decode batch (default 256)",
-    "resident_slots": "adapters resident on the device at once (default: all)",
+    "resident_slots": "adapters resident on the device at once (default: all on CPU; on CUDA, as many as fit "
+    "--resident-memory-fraction)",
+    "resident_memory_fraction": "CUDA without --resident-slots: share of the memory free after the model loads "
+    "that resident adapters (weights, gradients, AdamW moments) may fill (default 0.25)",
+    "max_kv_bytes": "native sampler: KV-cache bound in bytes; requests wait until their rows fit (default: half the "
+    "GPU memory free at start; no bound on CPU)",
+    "token_budget": "padded tokens per training micro-batch (default 8192)",
+    "gradient_checkpointing": "1: recompute each decoder layer's activations in the backward, for less memory "
+    "(default 0)",
     "sampler": "rollout backend: native, vllm, or auto (vllm when it imports) (default native)",
     "vllm_max_loras": "vLLM: adapters in one batch (default 8)",
     "vllm_max_lora_rank": "vLLM: largest LoRA rank, one of 1 8 16 32 64 128 256 320 512 (default 64)",

@@ -121,3 +121,14 @@ async def wait_until(what: str, predicate: Callable[[], Any], changed: asyncio.E
             raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(changed.wait(), min(left, 0.2))
+
+
+def accelerator() -> torch.device:
+    """The device of the ``pytest -m cuda`` checks: ``HOTLORA_TEST_DEVICE`` if set (``cpu`` rehearses them), else
+    CUDA when torch sees a GPU; otherwise the test skips and says why."""
+    name = os.environ.get("HOTLORA_TEST_DEVICE")
+    if name:
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    pytest.skip("no CUDA device: bench/gpu_suite.sh runs these on a GPU (HOTLORA_TEST_DEVICE=cpu rehearses them)")

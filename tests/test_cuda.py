@@ -14,7 +14,6 @@ same tokens and logprobs to 1e-4.
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,21 +25,12 @@ from hotlora.engine.core import Engine, EngineConfig
 from hotlora.engine.runner import ModelRunner, RunnerConfig
 from hotlora.engine.sampler import NativeSampler, SampleRequest, SamplingParams
 from hotlora.engine.types import AdamParams, ForwardBackwardCall, LoraSpec
-from tests.helpers import grads, max_rel_error, perturb_b, random_datum
+from tests.helpers import accelerator, grads, max_rel_error, perturb_b, random_datum
 
 pytestmark = pytest.mark.cuda
 
 BF16_GRAD_TOL = 3e-2
 FP32_LOGPROB_TOL = 1e-4
-
-
-def accelerator() -> torch.device:
-    name = os.environ.get("HOTLORA_TEST_DEVICE")
-    if name:
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    pytest.skip("no CUDA device: bench/gpu_suite.sh runs these on a GPU (HOTLORA_TEST_DEVICE=cpu rehearses them)")
 
 
 @pytest.fixture

@@ -46,12 +46,14 @@ def copying_transfer(monkeypatch: pytest.MonkeyPatch) -> None:
 
     Host and device are both the CPU here, so a plain move would be a no-op; copying and poisoning
     makes any tensor left behind (a lost gradient, a stale moment, a layer still holding old
-    storage) show up as a mismatch, as it would after a real device-to-host transfer.
+    storage) show up as a mismatch, as it would after a real device-to-host transfer. The copy is
+    the engine's own (``copy_group``: packing, flat buffers), so this runs the real move's code.
     """
 
-    def copy_and_poison(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-        moved = tensor.to(device, copy=True)
-        tensor.fill_(float("nan"))
+    def copy_and_poison(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+        moved = adapters_module.copy_group(tensors, device)
+        for tensor in tensors:
+            tensor.fill_(float("nan"))
         return moved
 
     monkeypatch.setattr(adapters_module, "transfer", copy_and_poison)

@@ -10,6 +10,7 @@ import math
 
 import pytest
 import torch
+from transformers import Cache
 
 from hotlora.engine.errors import InvalidRequest, UnknownAdapter
 from hotlora.engine.runner import ModelRunner
@@ -206,9 +207,11 @@ def test_retired_rows_free_their_cache_columns(adapters: ModelRunner) -> None:
     widths: list[int] = []
 
     def record(_module: torch.nn.Module, _args: tuple[object, ...], kwargs: dict[str, object]) -> None:
-        mask = kwargs.get("attention_mask")
-        if isinstance(mask, torch.Tensor):  # decode steps only; a prefill has no padding
-            widths.append(mask.shape[1])
+        # Decode steps pass no padding mask (the KV store's rows are masked inside attention); the cache
+        # says how many columns the step's attention spans, as transformers' mask builders ask it.
+        ids, cache = kwargs["input_ids"], kwargs["past_key_values"]
+        if isinstance(ids, torch.Tensor) and ids.shape[1] == 1 and isinstance(cache, Cache):
+            widths.append(cache.get_mask_sizes(1, 0)[0])
 
     hook = runner.model.register_forward_pre_hook(record, with_kwargs=True)
     try:
