@@ -36,9 +36,9 @@ def profile_commands(args: argparse.Namespace) -> dict[str, list[str]]:
         train = ["--tokens", "512", "--seq-len", "64", "--adapters", "4", "--repeats", "1"]
         adapter = ["--layers", "2", "--repeats", "2", "--adapters", "2"]
     else:
-        decode = ["--rows", "512", "--adapters", "8", "--prompt", "300", "--steps", "10", "--profile-steps", "2"]
-        train = ["--tokens", "8192", "--seq-len", "512", "--adapters", "8", "--repeats", "3"]
-        adapter = ["--layers", str(shape.num_layers), "--repeats", "5", "--adapters", "8"]
+        decode = ["--rows", "512", "--adapters", "8", "--prompt", "300", "--steps", "6", "--profile-steps", "1"]
+        train = ["--tokens", "8192", "--seq-len", "512", "--adapters", "8", "--repeats", "2"]
+        adapter = ["--layers", str(shape.num_layers), "--repeats", "3", "--adapters", "8"]
     dims = [
         "--hidden", str(shape.hidden_size), "--intermediate", str(shape.intermediate_size),
         "--heads", str(shape.num_heads), "--kv-heads", str(shape.num_kv_heads), "--head-dim", str(shape.head_dim),

@@ -34,7 +34,7 @@ def test_the_device_session_runs_end_to_end_on_the_cpu(tmp_path: Path) -> None:
     summary = json.loads((out / "suite.json").read_text())
     assert summary["commit"] == "rehearsal"
     stages = summary["stages"]
-    assert list(stages) == ["cuda_tests", "profiles", "gpu_core", "gpu_claim", "gpu_experiments"]
+    assert list(stages) == ["cuda_tests", "gpu_claim", "gpu_core", "profiles", "gpu_experiments"]
     for name, stage in stages.items():
         assert stage["rc"] == 0 and not stage["timed_out"], (name, stage)
     tests = stages["cuda_tests"]["tests"]

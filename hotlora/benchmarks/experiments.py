@@ -359,10 +359,12 @@ class Reporter:
         self.progress.update(task, description=description)
 
 
-async def cold_phase(bench: Bench, plan: Plan, base: str, report: Reporter) -> list[Run]:
+async def cold_phase(
+    bench: Bench, plan: Plan, base: str, report: Reporter, on_run: Callable[[list[Run]], None] = lambda runs: None
+) -> list[Run]:
     """Each experiment on its own fresh engine; the clock starts before the engine is spawned."""
     task = report.phase("cold", plan.experiments * plan.steps)
-    runs = []
+    runs: list[Run] = []
     for i, cfg in enumerate(plan.configs()):
         prefix = f"{base}-cold{i}"
         report.note(task, f"cold {i + 1}/{plan.experiments}: starting an engine")
@@ -370,6 +372,7 @@ async def cold_phase(bench: Bench, plan: Plan, base: str, report: Reporter) -> l
         async with engine_process(bench, prefix):
             report.note(task, f"cold {i + 1}/{plan.experiments}: {cfg.adapter_id}")
             runs.append(await run_experiment(bench, prefix, cfg, "cold", started))
+        on_run(runs)
     return runs
 
 
@@ -437,9 +440,12 @@ async def measure(
                 if on_phase is not None:
                     on_phase(partial_times(phases))
 
-            if plan.cold_first:
-                phases.cold = await cold_phase(bench, plan, base, report)
+            def cold_run_done(runs: list[Run]) -> None:
+                phases.cold = runs
                 done_phase()
+
+            if plan.cold_first:
+                phases.cold = await cold_phase(bench, plan, base, report, cold_run_done)
             warm_prefix = f"{base}-warm"
             task = report.phase("starting the warm engine", 1)
             async with engine_process(bench, warm_prefix):
@@ -447,8 +453,7 @@ async def measure(
                 progress.update(task, completed=1)
                 await warm_phases(bench, plan, warm_prefix, report, phases, done_phase)
             if not plan.cold_first:
-                phases.cold = await cold_phase(bench, plan, base, report)
-                done_phase()
+                phases.cold = await cold_phase(bench, plan, base, report, cold_run_done)
     finally:
         if broker is not None:
             broker.stop()
