@@ -47,7 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="out/gpu_claim.json", help="where to write the JSON results")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
-        print(f"skipped: no CUDA (torch {torch.__version__} sees no GPU); the claim logic is tested on CPU")
+        reason = f"no CUDA (torch {torch.__version__} sees no GPU); the claim logic is tested on CPU"
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"skipped": reason}))
+        print(f"skipped: {reason}")
         return 0
     gpus = torch.cuda.device_count()
     with tempfile.TemporaryDirectory(prefix="hotlora-claim-") as locks:

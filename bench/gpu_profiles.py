@@ -67,12 +67,12 @@ def run_profile(argv: list[str]) -> dict[str, Any]:
     seconds = round(time.perf_counter() - started, 2)
     sys.stderr.write(done.stderr[-4000:])
     if done.returncode != 0:
-        return {"error": f"exit {done.returncode}: {done.stderr[-1500:]}", "command": argv, "seconds": seconds}
+        return {"error": f"exit {done.returncode}: {done.stderr[-1500:]}", "command": argv, "wall_seconds": seconds}
     try:
         result = json.loads(done.stdout)
     except json.JSONDecodeError:
-        return {"error": f"no JSON on stdout: {done.stdout[-500:]}", "command": argv, "seconds": seconds}
-    return {**result, "seconds": seconds}
+        return {"error": f"no JSON on stdout: {done.stdout[-500:]}", "command": argv, "wall_seconds": seconds}
+    return {**result, "wall_seconds": seconds}
 
 
 def main(argv: list[str] | None = None) -> int:

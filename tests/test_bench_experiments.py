@@ -112,7 +112,7 @@ def test_bench_experiments_end_to_end(tmp_path: Path, tiny_model_path: Path, bro
 
 
 @pytest.mark.parametrize("script", ["gpu_experiments", "gpu_vllm", "gpu_claim"])
-def test_gpu_script_skips_cleanly_without_cuda(script: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_gpu_script_skips_cleanly_without_cuda(script: str, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     import importlib.util
 
     import torch
@@ -123,5 +123,5 @@ def test_gpu_script_skips_cleanly_without_cuda(script: str, capsys: pytest.Captu
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    assert module.main(["--out", "unused.json"]) == 0
+    assert module.main(["--out", str(tmp_path / "unused.json")]) == 0
     assert "skipped: no CUDA" in capsys.readouterr().out

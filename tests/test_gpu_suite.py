@@ -55,6 +55,22 @@ def test_the_device_session_runs_end_to_end_on_the_cpu(tmp_path: Path) -> None:
     assert len(returned) <= MAX_RETURNED_FILES, sorted(p.name for p in returned)
     assert all(len(p.relative_to(out).parts) <= 3 for p in returned)
 
+    # What the developer runs on the returned files: one docs section per measurement.
+    docs = tmp_path / "benchmarks.md"
+    report = [sys.executable, "bench/gpu_report.py", str(out), "--docs", str(docs)]
+    done = subprocess.run(report, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    text = docs.read_text()
+    for heading in (
+        "### gpu suite: commit `rehearsal`",
+        "### core:",
+        "### gpu profiles",
+        "### gpu claim",
+        "### experiments:",
+    ):
+        assert heading in text, heading
+    assert "FAILED" not in text and "TIMED OUT" not in text
+
 
 def test_a_stage_over_its_budget_is_cut_and_recorded(tmp_path: Path) -> None:
     """The suite's own bookkeeping: a stage that overruns is stopped, marked, and the suite fails."""
