@@ -17,7 +17,7 @@ reply to an attempt the client already gave up on finds no pending future and is
 Tenancy and transport: ``principal`` and ``token`` (default: ``HOTLORA_PRINCIPAL``, ``HOTLORA_TOKEN``)
 go on every request, so the adapters this client creates are refused to other principals
 (``forbidden``). Kafka TLS/SASL comes from ``security`` or the engine's ``HOTLORA_SECURITY_PROTOCOL``,
-``HOTLORA_SASL_*`` and ``HOTLORA_SSL_*`` variables (``engine.kafka_security``).
+``HOTLORA_SASL_*`` and ``HOTLORA_SSL_*`` variables (``engine.kafka.security``).
 """
 
 from __future__ import annotations
@@ -40,14 +40,14 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
 from hotlora.engine import requests as eng
-from hotlora.engine.errors import HotLoraError
-from hotlora.engine.kafka_security import KafkaSecurity
+from hotlora.engine.kafka.convert import result_to_engine, to_wire
+from hotlora.engine.kafka.security import KafkaSecurity
 from hotlora.engine.requests import SampleOutput, SaveOutput
 from hotlora.engine.runner import AdapterInfo
 from hotlora.engine.sampler import SamplingParams
 from hotlora.engine.types import AdamParams, Datum, ForwardBackwardOutput, LoraSpec, OptimStepOutput
 from hotlora.schemas import CheckpointEvent, Result, SchemaError, Topics, decode, encode, key_for, now_ms
-from hotlora.schemas.convert import result_to_engine, to_wire
+from hotlora.schemas.errors import ClientClosed, HotLoraError, RequestTimeout
 
 log = structlog.get_logger("hotlora.client")
 
@@ -58,18 +58,6 @@ MAX_REQUEST_BYTES = 64 * 1024 * 1024
 # measured 250 ms per round trip; 10 ms measured ~7 ms). Apache Kafka answers as soon as a record
 # arrives. Lower is faster and polls more while idle (10 ms: ~5% of a core per idle client).
 DEFAULT_REPLY_WAIT_MS = 10
-
-
-class RequestTimeout(HotLoraError, TimeoutError):
-    """No reply after every attempt; the request may still run, and a retry with its id is safe."""
-
-    code = "timeout"
-
-
-class ClientClosed(HotLoraError):
-    """The client closed (or was never started) before the request got its reply."""
-
-    code = "client_closed"
 
 
 @dataclass

@@ -14,8 +14,8 @@ from typing import IO
 import msgspec
 from aiokafka import AIOKafkaProducer, TopicPartition
 
-from hotlora.engine.kafka_admin import group_less_consumer, log_end_offsets
-from hotlora.engine.kafka_security import kafka_kwargs
+from hotlora.engine.kafka.admin import group_less_consumer, log_end_offsets
+from hotlora.engine.kafka.security import kafka_kwargs
 from hotlora.schemas import Message, Metrics, SchemaError, Topics, decode, encode, key_for
 
 

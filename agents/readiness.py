@@ -6,7 +6,7 @@ import asyncio
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from hotlora.engine.kafka_security import kafka_kwargs
+from hotlora.engine.kafka.security import kafka_kwargs
 from hotlora.schemas import Heartbeat, SchemaError, Topics, decode
 
 POLL_MS = 200

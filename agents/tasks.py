@@ -1,6 +1,6 @@
 """RL tasks with verifiable rewards, built on the pretraining corpus's prompt formats.
 
-Each task draws problems from ``engine/corpus.py``'s generator of the same name, so the tiny base
+Each task draws problems from ``agents/corpus.py``'s generator of the same name, so the tiny base
 starts RL knowing the format. A fixed slice of the prompt space (chosen by a hash of the prompt) is
 held out: ``eval_set`` draws only from it and ``problems`` never does, for any seed.
 
@@ -16,7 +16,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from hotlora.engine import corpus
+from hotlora.agents import corpus
 
 EOS_TEXT = "</s>"
 EVAL_SIZE = 64
@@ -77,7 +77,7 @@ def json_format_reward(problem: Problem, completion: str) -> float:
 def digit_share(problem: Problem, completion: str) -> float:
     """The share of the completion's characters that are digits: a dense reward, so nearly every group of
     samples differs and trains, even on a random-init base whose text is noise (throughput runs on the
-    real shapes of ``engine.shapes``, whose filler tokens decode to ``<12345>``)."""
+    real shapes of ``hotlora.models.shapes``, whose filler tokens decode to ``<12345>``)."""
     text = clean_completion(completion)
     return sum(ch.isdigit() for ch in text) / len(text) if text else 0.0
 

@@ -2,7 +2,7 @@
 engines than GPUs start.
 
 Starts one process per visible GPU plus one. Each claims a GPU the way ``hotlora engine --device
-cuda:claim`` does (``engine.device_claim.claim_visible_gpu``), then puts a tensor on ``cuda`` and reports
+cuda:claim`` does (``engine.kafka.device_claim.claim_visible_gpu``), then puts a tensor on ``cuda`` and reports
 the physical GPU it landed on (PCI bus id) while it holds the claim. Expected: the first N processes
 report N different GPUs, and the last fails with "every visible GPU ... is claimed". After they exit,
 a new claim succeeds again (the kernel dropped the locks).
@@ -27,7 +27,7 @@ import torch
 CHILD = """
 import json, sys, time
 from pathlib import Path
-from hotlora.engine.device_claim import claim_visible_gpu
+from hotlora.engine.kafka.device_claim import claim_visible_gpu
 try:
     claim = claim_visible_gpu(Path(sys.argv[1]))
 except RuntimeError as err:

@@ -1,6 +1,6 @@
 """``hotlora bench core`` on a GPU: a random-init model of a real configuration (default Qwen3-4B), bf16.
 
-The model is built in memory from ``engine.shapes`` (no downloads, the engine's byte tokenizer padded to
+The model is built in memory from ``hotlora.models.shapes`` (no downloads, the engine's byte tokenizer padded to
 the shape's vocabulary), and the measurement is exactly ``hotlora.benchmarks.core.run_core``: mixed vs
 looped vs single-adapter forward/backward for K = 1..16 at equal total tokens, and decode mixed over 8
 adapters vs one. ``peak_memory_gib`` is the device's peak allocation over the whole run.
@@ -24,7 +24,7 @@ from hotlora.benchmarks.core import CoreBenchConfig, append_docs, provenance, ru
 from hotlora.benchmarks.core import print_summary as print_core_summary
 from hotlora.engine.base_model import BaseModel
 from hotlora.engine.runner import ModelRunner
-from hotlora.engine.shapes import SHAPES, ModelShape, build_shape_model, build_shape_tokenizer, get_shape
+from hotlora.models.shapes import SHAPES, ModelShape, build_shape_model, build_shape_tokenizer, get_shape
 
 
 def build_runner(

@@ -1,6 +1,6 @@
 """``hotlora bench experiments`` on a GPU: cold vs warm vs concurrent GRPO throughput at a real shape.
 
-The base is a random-init model of a real configuration (default Qwen3-4B, ``engine.shapes``) in bf16,
+The base is a random-init model of a real configuration (default Qwen3-4B, ``hotlora.models.shapes``) in bf16,
 written to a temporary directory with the engine's tokenizer padded to the shape's vocabulary (no
 downloads). Every experiment is GRPO-shaped: per step ``--batch-size`` prompts x ``--group-size``
 samples of up to ``--max-tokens`` new tokens, reward minus group mean, an ``importance_sampling``
@@ -32,7 +32,7 @@ import torch
 from rich.console import Console
 
 from hotlora.benchmarks.experiments import Plan, parse_sweep, quiet_client_logs, run_bench
-from hotlora.engine.shapes import SHAPES, get_shape, write_shape
+from hotlora.models.shapes import SHAPES, get_shape, write_shape
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hotlora.engine.shapes import get_shape
+from hotlora.models.shapes import get_shape
 
 HERE = Path(__file__).resolve().parent
 PROFILE_TIMEOUT_S = 240

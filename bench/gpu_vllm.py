@@ -1,6 +1,6 @@
 """``hotlora bench sampler`` on a GPU: the native sampler vs vLLM colocated in the engine process.
 
-The model is a random-init model of a real configuration (``engine.shapes``, default Llama-3.2-1B) in
+The model is a random-init model of a real configuration (``hotlora.models.shapes``, default Llama-3.2-1B) in
 bf16 (no downloads). Both backends run the same workload as on CPU (``hotlora.benchmarks.sampler.run_bench``):
 decode tokens/s for 1-8 adapters in one mixed batch, and one GRPO-shaped RL step per adapter with
 the weight sync into vLLM and the train/inference logprob mismatch (bf16, so expect about 1e-2, not
@@ -28,7 +28,7 @@ from rich.console import Console
 
 from hotlora.benchmarks.experiments import quiet_client_logs
 from hotlora.benchmarks.sampler import BACKENDS, SamplerBenchConfig, parse_adapters, print_summary, run_bench
-from hotlora.engine.shapes import SHAPES, get_shape, write_shape
+from hotlora.models.shapes import SHAPES, get_shape, write_shape
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -42,10 +42,10 @@ from transformers import AutoModelForCausalLM, LlamaConfig, PretrainedConfig, Qw
 from hotlora.engine.base_model import BaseModel, load_base_model
 from hotlora.engine.runner import ModelRunner, RunnerConfig
 from hotlora.engine.sampler import NativeSampler, SampleRequest, SamplingParams
-from hotlora.engine.shapes import SHAPES as REAL_SHAPES
-from hotlora.engine.shapes import build_shape_model, build_shape_tokenizer, get_shape
-from hotlora.engine.tiny_model import build_tokenizer
 from hotlora.engine.types import LoraSpec
+from hotlora.models.shapes import SHAPES as REAL_SHAPES
+from hotlora.models.shapes import build_shape_model, build_shape_tokenizer, get_shape
+from hotlora.models.tiny_model import build_tokenizer
 
 SYNC_OPS = ("aten::_local_scalar_dense", "aten::nonzero")
 
@@ -64,7 +64,7 @@ class Shape:
     vocab: int
 
 
-# CPU stand-ins; every shape in ``engine.shapes`` (qwen3-4b, qwen3-0.6b, ...) works too.
+# CPU stand-ins; every shape in ``hotlora.models.shapes`` (qwen3-4b, qwen3-0.6b, ...) works too.
 SHAPES = {
     # The test suite's tiny Llama (tests/conftest.py TEST_RECIPE), random weights.
     "tiny": Shape("llama", 64, 128, 2, 4, 2, 16, 259),
@@ -294,7 +294,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="auto: fp32 on CPU")
     names = sorted(SHAPES) + sorted(REAL_SHAPES)
     parser.add_argument("--shape", default="tiny", help=f"one of {names} or a Hugging Face model directory")
-    parser.add_argument("--layers", type=int, default=None, help="fewer decoder layers (engine.shapes shapes only)")
+    parser.add_argument("--layers", type=int, default=None, help="fewer decoder layers (hotlora.models.shapes only)")
     parser.add_argument("--rows", type=int, default=64, help="decode rows (one request each)")
     parser.add_argument("--adapters", type=int, default=8, help="LoRA adapters the rows are spread over (0: base)")
     parser.add_argument("--rank", type=int, default=16)

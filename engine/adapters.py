@@ -29,10 +29,10 @@ import torch
 from torch._utils import _unflatten_dense_tensors
 
 from hotlora.engine.checkpoint import peft_key
-from hotlora.engine.errors import AdapterExists, CapacityExceeded, InvalidRequest, UnknownAdapter
 from hotlora.engine.lora import LoraContext, LoraPair, init_lora_pairs
 from hotlora.engine.optim import AdapterOptimizer
 from hotlora.engine.types import LoraSpec
+from hotlora.schemas.errors import AdapterExists, CapacityExceeded, InvalidRequest, UnknownAdapter
 
 ADAPTER_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 # Device copies of an adapter's factors while it trains: weights, gradients, AdamW's exp_avg and exp_avg_sq.

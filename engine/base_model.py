@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
-from hotlora.engine.errors import InvalidRequest
+from hotlora.schemas.errors import InvalidRequest
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,

@@ -24,8 +24,8 @@ import torch
 from peft import LoraConfig
 from safetensors.torch import load_file, save_file
 
-from hotlora.engine.errors import CheckpointError
 from hotlora.engine.types import AdamParams, LoraSpec
+from hotlora.schemas.errors import CheckpointError
 
 WEIGHTS_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"

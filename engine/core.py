@@ -31,7 +31,6 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import structlog
 
-from hotlora.engine.errors import HotLoraError, InvalidRequest, RolloutError
 from hotlora.engine.requests import (
     CreateAdapter,
     DeleteAdapter,
@@ -68,6 +67,7 @@ from hotlora.engine.types import (
     OptimStepOutput,
 )
 from hotlora.engine.vllm_sampler import VllmSampler, VllmSettings, resolve_sampler
+from hotlora.schemas.errors import EngineClosed, HotLoraError, InternalError, InvalidRequest, RolloutError
 
 if TYPE_CHECKING:
     from hotlora.engine.observability import EngineMetrics
@@ -75,14 +75,6 @@ if TYPE_CHECKING:
 log = structlog.get_logger("hotlora.engine")
 T = TypeVar("T")
 BASE_ADAPTER = "__base__"  # the scheduler's name for samples of the plain base model
-
-
-class InternalError(HotLoraError):
-    code = "internal"
-
-
-class EngineClosed(HotLoraError):
-    code = "engine_closed"
 
 
 @dataclass

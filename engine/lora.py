@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from hotlora.engine.errors import InvalidRequest
 from hotlora.engine.types import TARGET_PRESETS, LoraSpec
+from hotlora.schemas.errors import InvalidRequest
 
 ALL_TARGETS: frozenset[str] = frozenset(TARGET_PRESETS["all-linear"])
 

@@ -15,7 +15,7 @@ import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
-from hotlora.engine.errors import UnknownAdapter
+from hotlora.schemas.errors import UnknownAdapter
 
 
 @dataclass(frozen=True)

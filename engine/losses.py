@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from hotlora.engine.errors import InvalidRequest
+from hotlora.schemas.errors import InvalidRequest
 
 CLIP_KEYS = frozenset({"clip_epsilon", "clip_epsilon_low", "clip_epsilon_high"})
 ALLOWED_CONFIG: dict[str, frozenset[str]] = {

@@ -25,7 +25,6 @@ from hotlora.engine.adapters import (
 from hotlora.engine.base_model import BaseModel, load_base_model
 from hotlora.engine.batching import MicroBatch, ResultAssembler, collate, pack_forward_backward
 from hotlora.engine.checkpoint import LoadedAdapter, load_checkpoint, save_checkpoint
-from hotlora.engine.errors import CheckpointError, HotLoraError, InvalidRequest
 from hotlora.engine.lora import inject_multi_lora, lora_batch
 from hotlora.engine.losses import compute_loss, target_logprobs, validate_loss_config
 from hotlora.engine.types import (
@@ -36,6 +35,7 @@ from hotlora.engine.types import (
     LoraSpec,
     OptimStepOutput,
 )
+from hotlora.schemas.errors import CheckpointError, HotLoraError, InvalidRequest
 
 RL_LOSSES = frozenset({"importance_sampling", "ppo", "cispo"})
 # Config fields (the known ones) of models that transform their logits after the output head. Training

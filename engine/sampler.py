@@ -52,10 +52,10 @@ from transformers import PretrainedConfig
 
 from hotlora.engine.adapters import Adapter
 from hotlora.engine.decode_attention import DecodePlan, decode_attention, padding_bias
-from hotlora.engine.errors import CapacityExceeded, HotLoraError, InvalidRequest, UnknownAdapter
 from hotlora.engine.kv_cache import KVStore, StoreCache, to_device, upload
 from hotlora.engine.lora import lora_batch
 from hotlora.engine.runner import ModelRunner
+from hotlora.schemas.errors import CapacityExceeded, HotLoraError, InvalidRequest, UnknownAdapter
 
 # Extra tokens decoded before a stop string's worth of bytes, so a multi-byte character cut at the
 # window's start cannot hide a match.

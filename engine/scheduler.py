@@ -58,7 +58,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 
-from hotlora.engine.errors import InvalidRequest
+from hotlora.schemas.errors import InvalidRequest
 
 
 class WorkKind(str, Enum):

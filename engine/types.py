@@ -12,7 +12,7 @@ from typing import Literal
 
 import torch
 
-from hotlora.engine.errors import InvalidRequest
+from hotlora.schemas.errors import InvalidRequest
 
 LossName = Literal["cross_entropy", "importance_sampling", "ppo", "cispo"]
 LOSS_NAMES: tuple[str, ...] = ("cross_entropy", "importance_sampling", "ppo", "cispo")

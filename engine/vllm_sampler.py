@@ -29,10 +29,10 @@ from typing import Any
 import structlog
 import torch
 
-from hotlora.engine.errors import InvalidRequest, RolloutError, UnknownAdapter
 from hotlora.engine.lora_versions import LoraVersion, VersionTable
 from hotlora.engine.requests import SampleOutput
 from hotlora.engine.sampler import SampledSequence, SampleRequest, validate_sample
+from hotlora.schemas.errors import InvalidRequest, RolloutError, UnknownAdapter
 
 log = structlog.get_logger("hotlora.vllm")
 

@@ -29,9 +29,9 @@ from typing import Any
 from aiohttp import web
 
 from hotlora.agents import HotLoraClient
-from hotlora.engine.errors import AdapterExists, HotLoraError, InvalidRequest
 from hotlora.engine.sampler import SamplingParams
 from hotlora.engine.types import AdamParams, Datum, LoraSpec
+from hotlora.schemas.errors import AdapterExists, HotLoraError, InvalidRequest
 
 # FeedbackConfig field -> (flag help, environment variable)
 _FLAGS: dict[str, tuple[str, str]] = {

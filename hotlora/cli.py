@@ -17,8 +17,8 @@ DEMO_STEPS = 120  # 4 experiments: about 4 minutes on a 2-core CPU
 
 
 def _cmd_model_init(args: argparse.Namespace) -> int:
-    from hotlora.engine.errors import InvalidRequest
-    from hotlora.engine.model_init import init_model, init_shape
+    from hotlora.models.model_init import init_model, init_shape
+    from hotlora.schemas.errors import InvalidRequest
 
     try:
         if args.shape is None:
@@ -42,7 +42,7 @@ def _cmd_model_init(args: argparse.Namespace) -> int:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     if args.in_process:
-        from hotlora.engine.sft_demo import run_sft_demo
+        from hotlora.models.sft_demo import run_sft_demo
 
         return run_sft_demo(model_dir=args.model, steps=args.steps or 100, seed=args.seed)
     from hotlora.demo import main as demo_main
@@ -56,7 +56,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_agent(args: argparse.Namespace) -> int:
     import socket
 
-    from hotlora.engine.tiny_model import TinyModelRecipe, ensure_tiny_model
+    from hotlora.models.tiny_model import TinyModelRecipe, ensure_tiny_model
 
     if not args.bootstrap:
         raise SystemExit("error: an agent needs a broker: pass --bootstrap HOST:PORT or set HOTLORA_BOOTSTRAP")
@@ -129,8 +129,8 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 
 
 def _cmd_engine(args: argparse.Namespace) -> int:
-    from hotlora.engine.service import main as engine_main
-    from hotlora.engine.service_config import from_sources
+    from hotlora.engine.kafka.service import main as engine_main
+    from hotlora.engine.kafka.service_config import from_sources
 
     try:
         config = from_sources(args)
@@ -142,7 +142,7 @@ def _cmd_engine(args: argparse.Namespace) -> int:
 def _cmd_topics(args: argparse.Namespace) -> int:
     import asyncio
 
-    from hotlora.engine.kafka_admin import ensure_topics, list_topics
+    from hotlora.engine.kafka.admin import ensure_topics, list_topics
     from hotlora.schemas.topics import Topics
 
     bootstrap = args.bootstrap or os.environ.get("HOTLORA_BOOTSTRAP")
@@ -323,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     plot.set_defaults(func=_cmd_plot)
 
     engine = commands.add_parser("engine", help="run the engine service: consume requests, publish results")
-    from hotlora.engine.service_config import add_arguments as add_engine_arguments
+    from hotlora.engine.kafka.service_config import add_arguments as add_engine_arguments
 
     add_engine_arguments(engine)
     engine.set_defaults(func=_cmd_engine)

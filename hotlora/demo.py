@@ -26,7 +26,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
 from hotlora.agents.grpo import GrpoConfig
-from hotlora.engine.progress import progress_bar, progress_console
+from hotlora.progress import progress_bar, progress_console
 from hotlora.schemas import Metrics
 
 ENGINE_READY_TIMEOUT_S = 180.0
@@ -158,7 +158,7 @@ async def run_demo(
     console: Console,
     sampler: str = "native",
 ) -> list[Experiment]:
-    from hotlora.engine.broker import EmbeddedBroker
+    from hotlora.engine.kafka.broker import EmbeddedBroker
 
     prefix = f"demo-{os.getpid()}"
     broker = None if bootstrap else EmbeddedBroker(log_path=workdir / "broker.log").start()
@@ -281,7 +281,7 @@ def main(
     from hotlora.agents.experiments import experiment_configs
     from hotlora.agents.tasks import TASKS
     from hotlora.engine.core import run
-    from hotlora.engine.model_init import rl_base_model
+    from hotlora.models.model_init import rl_base_model
 
     if experiments < 1 or steps < 1:
         raise SystemExit("error: --experiments and --steps must be >= 1")

@@ -178,7 +178,7 @@ class MetricsFeed:
         self._ends: dict[Any, int] = {}
 
     async def __aenter__(self) -> MetricsFeed:
-        from hotlora.engine.kafka_admin import group_less_consumer
+        from hotlora.engine.kafka.admin import group_less_consumer
 
         self._consumer = group_less_consumer(self.bootstrap)
         await self._consumer.start()
@@ -193,7 +193,7 @@ class MetricsFeed:
         """Assign the topic's partitions and seek back ``lookback_s``; False while the topic does not exist."""
         from aiokafka import TopicPartition
 
-        from hotlora.engine.kafka_admin import log_end_offsets
+        from hotlora.engine.kafka.admin import log_end_offsets
 
         consumer = self._consumer
         if consumer.assignment():

@@ -1,6 +1,6 @@
 """hotlora's wire schemas: typed messages, their MessagePack codec, packed arrays and topic names.
 
-Importing this package does not import torch; ``hotlora.schemas.convert`` (engine types) does.
+Importing this package does not import torch; ``hotlora.engine.kafka.convert`` (engine types) does.
 """
 
 from hotlora.schemas.arrays import F32Array, I32Array, pack_f32, pack_i32, unpack_f32, unpack_i32

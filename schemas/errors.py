@@ -1,8 +1,73 @@
-"""The one error the wire layer raises, so a malformed message is a tenant's error, never a crash."""
+"""Every typed hotlora error, with the stable ``code`` it carries on the wire.
+
+A tenant's bad request must surface as that tenant's error, never as an engine crash, so every
+failure the engine can attribute to a request is a ``HotLoraError`` with a stable ``code``. The codes
+travel in ``error`` messages (``docs/protocol.md``), so the classes live here, in the bottom layer:
+the engine raises them, the edge encodes them, and an agent re-raises them from the codes alone.
+"""
 
 from __future__ import annotations
 
-from hotlora.engine.errors import HotLoraError
+
+class HotLoraError(Exception):
+    """Base class: ``code`` is the stable, machine-readable name sent back to the agent."""
+
+    code = "internal"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"[{self.code}] {self.message}"
+
+
+# ----- the engine's codes -----
+
+
+class InvalidRequest(HotLoraError):
+    code = "invalid_request"
+
+
+class UnknownAdapter(HotLoraError):
+    code = "unknown_adapter"
+
+
+class AdapterExists(HotLoraError):
+    code = "adapter_exists"
+
+
+class CapacityExceeded(HotLoraError):
+    code = "capacity_exceeded"
+
+
+class CheckpointError(HotLoraError):
+    code = "checkpoint_error"
+
+
+class RolloutError(HotLoraError):
+    """The rollout backend (vLLM) failed a request or a weight sync; the message says which and why."""
+
+    code = "rollout_failed"
+
+
+class InternalError(HotLoraError):
+    """A bug or an out-of-memory in a step: that step's requests fail, the engine goes on."""
+
+    code = "internal"
+
+
+class EngineClosed(HotLoraError):
+    code = "engine_closed"
+
+
+class Forbidden(HotLoraError):
+    """The request's principal or token does not own the adapter; nothing was changed."""
+
+    code = "forbidden"
+
+
+# ----- the wire's code -----
 
 
 class SchemaError(HotLoraError):
@@ -19,3 +84,36 @@ class SchemaError(HotLoraError):
         self.request_id = request_id
         self.adapter_id = adapter_id
         self.reply_to = reply_to
+
+
+# Every code the engine can put in an ``error`` message, and the exception an agent re-raises for it.
+ERROR_CODES: dict[str, type[HotLoraError]] = {
+    cls.code: cls
+    for cls in (
+        InvalidRequest,
+        UnknownAdapter,
+        AdapterExists,
+        CapacityExceeded,
+        CheckpointError,
+        RolloutError,
+        InternalError,
+        EngineClosed,
+        SchemaError,
+        Forbidden,
+    )
+}
+
+
+# ----- the client's own codes (raised by the SDK, never sent) -----
+
+
+class RequestTimeout(HotLoraError, TimeoutError):
+    """No reply after every attempt; the request may still run, and a retry with its id is safe."""
+
+    code = "timeout"
+
+
+class ClientClosed(HotLoraError):
+    """The client closed (or was never started) before the request got its reply."""
+
+    code = "client_closed"

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from hotlora.engine.broker import EmbeddedBroker
+from hotlora.engine.kafka.broker import EmbeddedBroker
 from hotlora.engine.runner import ModelRunner, RunnerConfig
-from hotlora.engine.tiny_model import TinyModelRecipe, ensure_tiny_model
+from hotlora.models.tiny_model import TinyModelRecipe, ensure_tiny_model
 
 # A smaller shape than the default recipe keeps the many exactness tests quick on 2 cores.
 TEST_RECIPE = TinyModelRecipe(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128, seed=0)
@@ -52,6 +52,6 @@ def topic_prefix(request: pytest.FixtureRequest) -> str:
 def rl_base_path() -> Path:
     """The pretrained base RL starts from: the same recipe as ``hotlora model init --pretrain`` and the
     demo, in the user's cache (built once, ~2 minutes on 2 cores, then reused across sessions)."""
-    from hotlora.engine.model_init import rl_base_model
+    from hotlora.models.model_init import rl_base_model
 
     return Path(rl_base_model(progress=False))

@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 import torch
 
+from hotlora.engine.kafka.service import EngineService
+from hotlora.engine.kafka.service_config import ServiceConfig
 from hotlora.engine.runner import ModelRunner
-from hotlora.engine.service import EngineService
-from hotlora.engine.service_config import ServiceConfig
 from hotlora.engine.types import Datum
 
 

@@ -131,7 +131,7 @@ class EngineHandler:
         self._answers: dict[str, asyncio.Future[ResultMessage]] = {}
 
     async def __call__(self, request: RequestMessage) -> ResultMessage | None:
-        from hotlora.schemas.convert import from_engine, to_engine
+        from hotlora.engine.kafka.convert import from_engine, to_engine
 
         if request.request_id in self._answers:
             return None

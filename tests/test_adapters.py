@@ -21,11 +21,11 @@ from hotlora.engine.adapters import (
     layer_shapes,
     slots_for_memory,
 )
-from hotlora.engine.errors import InvalidRequest
 from hotlora.engine.lora import inject_multi_lora
 from hotlora.engine.optim import AdapterOptimizer
 from hotlora.engine.runner import ModelRunner, RunnerConfig
 from hotlora.engine.types import AdamParams, Datum, LoraSpec
+from hotlora.schemas.errors import InvalidRequest
 
 GB = 10**9
 HP = AdamParams(learning_rate=1e-2, weight_decay=0.01)

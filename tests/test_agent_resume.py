@@ -15,7 +15,7 @@ from pathlib import Path
 from hotlora.agents import HotLoraClient
 from hotlora.agents.grpo import resume_point
 from hotlora.agents.metrics import read_topic
-from hotlora.engine.broker import EmbeddedBroker
+from hotlora.engine.kafka.broker import EmbeddedBroker
 from hotlora.schemas.messages import Metrics
 from tests.helpers import running_engine_service, service_config_for_tests
 

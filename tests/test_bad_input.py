@@ -23,10 +23,10 @@ import msgspec
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from hotlora.engine.broker import EmbeddedBroker
-from hotlora.engine.kafka_admin import create_topics, ensure_topics
-from hotlora.engine.service import EngineService
-from hotlora.engine.service_config import ServiceConfig, from_sources
+from hotlora.engine.kafka.admin import create_topics, ensure_topics
+from hotlora.engine.kafka.broker import EmbeddedBroker
+from hotlora.engine.kafka.service import EngineService
+from hotlora.engine.kafka.service_config import ServiceConfig, from_sources
 from hotlora.schemas import (
     CreateAdapter,
     Datum,

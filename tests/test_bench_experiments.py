@@ -24,7 +24,7 @@ from hotlora.benchmarks.experiments import (
     write_outputs,
 )
 from hotlora.cli import build_parser
-from hotlora.engine.broker import EmbeddedBroker
+from hotlora.engine.kafka.broker import EmbeddedBroker
 
 
 def parse(*argv: str) -> argparse.Namespace:

@@ -21,12 +21,12 @@ import pytest
 import torch
 
 from hotlora.agents import HotLoraClient
-from hotlora.engine.broker import EmbeddedBroker
+from hotlora.engine.kafka.broker import EmbeddedBroker
 from hotlora.engine.types import AdamParams, Datum, LoraSpec
 
 pytest.importorskip("moto.server", reason="the broker-restart tests need the dev extra (moto[server])")
 
-from hotlora.engine.s3_local import LocalS3
+from hotlora.engine.kafka.s3_local import LocalS3
 from tests.helpers import running_engine_service, service_config_for_tests
 
 pytestmark = pytest.mark.timeout(180)

@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 
 from hotlora.agents import HotLoraClient
 from hotlora.agents.readiness import wait_for_heartbeat
-from hotlora.engine.broker import EmbeddedBroker
+from hotlora.engine.kafka.broker import EmbeddedBroker
 from hotlora.engine.types import AdamParams, Datum, LoraSpec
 
 AGENTS = 4

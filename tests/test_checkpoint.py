@@ -12,9 +12,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from hotlora.engine.checkpoint import directory_sha256
-from hotlora.engine.errors import CheckpointError
 from hotlora.engine.runner import ModelRunner, RunnerConfig
 from hotlora.engine.types import AdamParams, Datum, LoraSpec
+from hotlora.schemas.errors import CheckpointError
 from tests.helpers import random_datum
 
 

@@ -206,7 +206,7 @@ def test_checkpoint_volume_is_shared() -> None:
 
 
 def _names_the_code_reads() -> set[str]:
-    from hotlora.engine.service_config import ServiceConfig, env_name
+    from hotlora.engine.kafka.service_config import ServiceConfig, env_name
 
     names = {env_name(field.name) for field in dataclasses.fields(ServiceConfig)}
     for folder in ("hotlora", "engine", "agents"):

@@ -20,8 +20,8 @@ from transformers import AutoModelForCausalLM
 
 from hotlora.agents import HotLoraClient
 from hotlora.agents.readiness import wait_for_heartbeat
-from hotlora.engine.broker import EmbeddedBroker
 from hotlora.engine.checkpoint import directory_sha256
+from hotlora.engine.kafka.broker import EmbeddedBroker
 
 STEPS = 12
 AGENTS = ("e2e-a", "e2e-b")

@@ -15,9 +15,9 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from examples.feedback_service import SERVICE, FeedbackConfig, create_app, load_tokenizer
-from hotlora.engine.broker import EmbeddedBroker
 from hotlora.engine.core import Engine
-from hotlora.engine.service import EngineService
+from hotlora.engine.kafka.broker import EmbeddedBroker
+from hotlora.engine.kafka.service import EngineService
 from hotlora.schemas import ForwardBackward, OptimStep, Topics
 from tests.helpers import running_engine_service, service_config_for_tests
 from tests.kafka_responder import EngineHandler, Responder

@@ -33,8 +33,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
-from hotlora.engine.broker import EmbeddedBroker
-from hotlora.engine.kafka_admin import create_topics
+from hotlora.engine.kafka.admin import create_topics
+from hotlora.engine.kafka.broker import EmbeddedBroker
 from hotlora.schemas import (
     CreateAdapter,
     Datum,

@@ -25,9 +25,9 @@ from hotlora.agents.metrics import MetricsSink, read_jsonl, read_topic, to_json_
 from hotlora.agents.tasks import ContinualSchedule, Problem
 from hotlora.cli import build_parser, grpo_config
 from hotlora.cli import main as cli_main
-from hotlora.engine.broker import EmbeddedBroker
 from hotlora.engine.core import Engine, EngineConfig
-from hotlora.engine.kafka_admin import ensure_topics
+from hotlora.engine.kafka.admin import ensure_topics
+from hotlora.engine.kafka.broker import EmbeddedBroker
 from hotlora.engine.runner import ModelRunner, RunnerConfig
 from hotlora.engine.scheduler import SchedulerPolicy
 from hotlora.engine.types import ForwardBackwardOutput, LoraSpec

@@ -21,16 +21,16 @@ import torch
 from safetensors.torch import load_file
 
 from hotlora.agents import HotLoraClient
-from hotlora.engine.broker import EmbeddedBroker
-from hotlora.engine.kafka_security import KafkaSecurity, kafka_kwargs
-from hotlora.engine.ownership import Forbidden, Owner, OwnerRegistry, OwnershipGate
+from hotlora.engine.kafka.broker import EmbeddedBroker
+from hotlora.engine.kafka.convert import ERROR_CODES, error_to_exception, from_engine
+from hotlora.engine.kafka.ownership import Forbidden, Owner, OwnerRegistry, OwnershipGate
+from hotlora.engine.kafka.security import KafkaSecurity, kafka_kwargs
+from hotlora.engine.kafka.service_config import from_sources
 from hotlora.engine.runner import AdapterInfo
 from hotlora.engine.sampler import SamplingParams
-from hotlora.engine.service_config import from_sources
 from hotlora.engine.types import AdamParams, Datum
 from hotlora.schemas import messages as wire
 from hotlora.schemas.codec import decode, encode
-from hotlora.schemas.convert import ERROR_CODES, error_to_exception, from_engine
 from tests.helpers import running_engine_service, service_config_for_tests
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hotlora.engine.errors import CapacityExceeded
 from hotlora.engine.kv_cache import KVStore, StoreCache
 from hotlora.engine.runner import ModelRunner
 from hotlora.engine.sampler import NativeSampler, SampleRequest, SamplingParams
+from hotlora.schemas.errors import CapacityExceeded
 
 LAYERS, KV_HEADS, DIM = 2, 2, 4
 GREEDY = SamplingParams(max_tokens=6, temperature=0.0)

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from hotlora.engine.errors import InvalidRequest
 from hotlora.engine.losses import LossInputs, compute_loss
+from hotlora.schemas.errors import InvalidRequest
 
 LP = [math.log(0.5), math.log(0.25)]  # trainer logprobs of the two target tokens
 Q = [math.log(0.4), math.log(0.5)]  # sampler logprobs: ratios r = 1.25 and 0.5

@@ -13,15 +13,15 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from hotlora.engine.broker import EmbeddedBroker
 from hotlora.engine.core import Engine, EngineConfig
-from hotlora.engine.errors import HotLoraError
+from hotlora.engine.kafka.broker import EmbeddedBroker
+from hotlora.engine.kafka.convert import from_engine, to_engine
 from hotlora.engine.observability import EngineMetrics
 from hotlora.engine.runner import ModelRunner, RunnerConfig
 from hotlora.engine.scheduler import SchedulerPolicy
 from hotlora.schemas import messages as wire
 from hotlora.schemas.arrays import pack_i32
-from hotlora.schemas.convert import from_engine, to_engine
+from hotlora.schemas.errors import HotLoraError
 
 STEPS = 3
 

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from hotlora.engine import adapters as adapters_module
-from hotlora.engine.errors import CapacityExceeded, InvalidRequest
 from hotlora.engine.runner import ModelRunner, RunnerConfig
 from hotlora.engine.types import AdamParams, Datum, ForwardBackwardCall, LoraSpec
+from hotlora.schemas.errors import CapacityExceeded, InvalidRequest
 from tests.helpers import perturb_b
 
 SPECS = [

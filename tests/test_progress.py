@@ -7,7 +7,7 @@ import io
 from rich.console import Console
 from rich.progress import BarColumn, TextColumn
 
-from hotlora.engine.progress import progress_bar, progress_console
+from hotlora.progress import progress_bar, progress_console
 
 
 def test_bars_are_off_unless_the_console_is_a_terminal() -> None:

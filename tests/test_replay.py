@@ -22,8 +22,8 @@ from aiokafka import AIOKafkaProducer
 
 from hotlora import cli
 from hotlora.agents import HotLoraClient
-from hotlora.engine.broker import EmbeddedBroker
-from hotlora.engine.kafka_admin import create_topics
+from hotlora.engine.kafka.admin import create_topics
+from hotlora.engine.kafka.broker import EmbeddedBroker
 from hotlora.engine.sampler import SamplingParams
 from hotlora.engine.types import AdamParams, Datum
 from hotlora.replay.diff import diff_files

@@ -12,10 +12,10 @@ import pytest
 import torch
 from transformers import Cache
 
-from hotlora.engine.errors import InvalidRequest, UnknownAdapter
 from hotlora.engine.runner import ModelRunner
 from hotlora.engine.sampler import NativeSampler, SampledSequence, SampleRequest, SamplingParams
 from hotlora.engine.types import AdamParams, Datum, LoraSpec
+from hotlora.schemas.errors import InvalidRequest, UnknownAdapter
 
 SPECS = {
     "a-all": LoraSpec(rank=4, targets="all-linear", seed=1),

@@ -40,14 +40,14 @@ from hotlora.benchmarks.migration import (
     spread_adapter_ids,
     verify,
 )
-from hotlora.engine.broker import EmbeddedBroker
-from hotlora.engine.device_claim import claim_gpu
-from hotlora.engine.durability import DurableStore
-from hotlora.engine.kafka_admin import log_end_offsets
-from hotlora.engine.placement import CoPartitionAssignor, balance, partition_for
+from hotlora.engine.kafka.admin import log_end_offsets
+from hotlora.engine.kafka.broker import EmbeddedBroker
+from hotlora.engine.kafka.device_claim import claim_gpu
+from hotlora.engine.kafka.durability import DurableStore
+from hotlora.engine.kafka.placement import CoPartitionAssignor, balance, partition_for
+from hotlora.engine.kafka.sequencing import Sequencer, advance_point
+from hotlora.engine.kafka.service import EngineService
 from hotlora.engine.sampler import SamplingParams
-from hotlora.engine.sequencing import Sequencer, advance_point
-from hotlora.engine.service import EngineService
 from hotlora.engine.types import LoraSpec
 from hotlora.schemas import Heartbeat, Metrics, Topics
 from hotlora.status import fold, owners
@@ -126,7 +126,7 @@ def test_each_engine_claims_a_gpu_of_its_own(tmp_path: Path) -> None:
     # A process that dies (SIGKILL included) lets its GPU go: the kernel drops the lock.
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from pathlib import Path; "
-         "from hotlora.engine.device_claim import claim_gpu; "
+         "from hotlora.engine.kafka.device_claim import claim_gpu; "
          f"claim_gpu(Path({str(tmp_path / 'other')!r}), ['7']); print('held', flush=True); time.sleep(120)"],
         stdout=subprocess.PIPE, text=True,
     )  # fmt: skip

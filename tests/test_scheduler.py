@@ -16,7 +16,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hotlora.engine.errors import InvalidRequest
 from hotlora.engine.scheduler import (
     DecodeSlice,
     Idle,
@@ -28,6 +27,7 @@ from hotlora.engine.scheduler import (
     WorkItem,
     WorkKind,
 )
+from hotlora.schemas.errors import InvalidRequest
 
 S, FB, OPT, CTL = WorkKind.SAMPLE, WorkKind.FORWARD_BACKWARD, WorkKind.OPTIM_STEP, WorkKind.CONTROL
 

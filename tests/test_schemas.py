@@ -19,6 +19,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hotlora.engine import requests as eng
+from hotlora.engine.kafka.convert import (
+    ERROR_CODES,
+    error_to_exception,
+    from_engine,
+    result_to_engine,
+    to_engine,
+    to_wire,
+)
 from hotlora.engine.runner import AdapterInfo as EngineAdapterInfo
 from hotlora.engine.sampler import SampledSequence as EngineSampledSequence
 from hotlora.engine.sampler import SamplingParams
@@ -42,14 +50,6 @@ from hotlora.schemas import (
     unpack_i32,
 )
 from hotlora.schemas import messages as wire
-from hotlora.schemas.convert import (
-    ERROR_CODES,
-    error_to_exception,
-    from_engine,
-    result_to_engine,
-    to_engine,
-    to_wire,
-)
 
 PROTOCOL_DOC = Path(__file__).resolve().parents[1] / "docs" / "protocol.md"
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -430,7 +430,7 @@ def test_unexpected_exceptions_and_unknown_codes() -> None:
 
 
 def test_engine_validation_surfaces_as_invalid_request() -> None:
-    from hotlora.engine.errors import InvalidRequest
+    from hotlora.schemas.errors import InvalidRequest
 
     with pytest.raises(InvalidRequest):
         to_engine(wire.Sample(prompt_tokens=pack_i32([1]), temperature=-1.0))

@@ -22,12 +22,12 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from hotlora import cli
-from hotlora.engine.broker import EmbeddedBroker
 from hotlora.engine.checkpoint import directory_sha256
-from hotlora.engine.kafka_admin import create_topics, ensure_topics, list_topics
-from hotlora.engine.sequencing import OffsetTracker, ResultCache, Sequencer
-from hotlora.engine.service import EngineService
-from hotlora.engine.service_config import from_sources
+from hotlora.engine.kafka.admin import create_topics, ensure_topics, list_topics
+from hotlora.engine.kafka.broker import EmbeddedBroker
+from hotlora.engine.kafka.sequencing import OffsetTracker, ResultCache, Sequencer
+from hotlora.engine.kafka.service import EngineService
+from hotlora.engine.kafka.service_config import from_sources
 from hotlora.schemas import (
     CheckpointEvent,
     CreateAdapter,

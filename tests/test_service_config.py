@@ -7,7 +7,7 @@ import argparse
 import pytest
 
 from hotlora.engine.adapters import DEFAULT_RESIDENT_MEMORY_FRACTION
-from hotlora.engine.service_config import ServiceConfig, add_arguments, from_sources
+from hotlora.engine.kafka.service_config import ServiceConfig, add_arguments, from_sources
 
 
 def test_resident_memory_fraction_from_flag_and_environment() -> None:

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from hotlora.agents import corpus
 from hotlora.agents.tasks import (
     EVAL_SIZE,
     TASKS,
@@ -16,7 +17,6 @@ from hotlora.agents.tasks import (
     is_held_out,
     render_prompt,
 )
-from hotlora.engine import corpus
 
 SEEDS = (0, 1, 2, 7, 12345)
 

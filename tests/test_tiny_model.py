@@ -9,9 +9,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from hotlora.agents.corpus import GENERATORS, examples, render
 from hotlora.cli import main
-from hotlora.engine.corpus import GENERATORS, examples, render
-from hotlora.engine.tiny_model import TinyModelRecipe, build_tiny_model, ensure_tiny_model
+from hotlora.models.tiny_model import TinyModelRecipe, build_tiny_model, ensure_tiny_model
 from tests.conftest import TEST_RECIPE
 
 

@@ -10,7 +10,7 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from rich.console import Console
 
-from hotlora.engine.broker import EmbeddedBroker
+from hotlora.engine.kafka.broker import EmbeddedBroker
 from hotlora.schemas import AdapterLoad, EngineStatus, Heartbeat, Message, Metrics, Topics, encode, key_for, now_ms
 from hotlora.top import TopState, add_arguments, render, run_top
 

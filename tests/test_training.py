@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from hotlora.engine.batching import pack_forward_backward
-from hotlora.engine.errors import AdapterExists, InvalidRequest, UnknownAdapter
 from hotlora.engine.runner import ModelRunner
-from hotlora.engine.sft_demo import PROMPT, TARGETS, train_two_adapters
 from hotlora.engine.types import AdamParams, Datum, ForwardBackwardCall, LoraSpec
+from hotlora.models.sft_demo import PROMPT, TARGETS, train_two_adapters
+from hotlora.schemas.errors import AdapterExists, InvalidRequest, UnknownAdapter
 from tests.helpers import max_rel_error, perturb_b, random_datum
 
 

@@ -24,12 +24,12 @@ import pytest
 import torch
 
 from hotlora.engine.core import Engine, EngineConfig
-from hotlora.engine.errors import InvalidRequest, RolloutError, UnknownAdapter
 from hotlora.engine.lora_versions import VersionTable
 from hotlora.engine.sampler import SamplingParams
-from hotlora.engine.tiny_model import TinyModelRecipe, ensure_tiny_model
 from hotlora.engine.types import AdamParams, Datum, LoraSpec
 from hotlora.engine.vllm_sampler import VllmSettings
+from hotlora.models.tiny_model import TinyModelRecipe, ensure_tiny_model
+from hotlora.schemas.errors import InvalidRequest, RolloutError, UnknownAdapter
 from tests.helpers import require_vllm
 
 T = TypeVar("T")

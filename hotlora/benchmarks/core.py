@@ -34,9 +34,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from hotlora.engine.progress import progress_bar
 from hotlora.engine.runner import ModelRunner, RunnerConfig
 from hotlora.engine.types import Datum, ForwardBackwardCall, LoraSpec
+from hotlora.progress import progress_bar
 
 KS: tuple[int, ...] = (1, 2, 4, 8, 16)
 HEADLINE_K = 8
@@ -529,7 +529,7 @@ def main(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     model = args.model
     if model is None:
-        from hotlora.engine.tiny_model import TinyModelRecipe, ensure_tiny_model
+        from hotlora.models.tiny_model import TinyModelRecipe, ensure_tiny_model
 
         model = str(ensure_tiny_model(TinyModelRecipe()))
     command = command_line(args)

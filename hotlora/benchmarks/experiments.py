@@ -39,7 +39,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from hotlora.benchmarks.core import git_commit, machine_info, repo_root
-from hotlora.engine.progress import progress_bar
+from hotlora.progress import progress_bar
 
 if TYPE_CHECKING:
     from hotlora.agents.client import HotLoraClient
@@ -421,7 +421,7 @@ async def measure(
     is cut short (a time-limited GPU session) still leaves what it measured.
     """
     from hotlora.agents.grpo import tokenizer_codec
-    from hotlora.engine.broker import EmbeddedBroker
+    from hotlora.engine.kafka.broker import EmbeddedBroker
 
     workdir = Path(tempfile.mkdtemp(prefix="hotlora-bench-experiments-"))
     base = f"bench-exp-{os.getpid()}-{uuid.uuid4().hex[:6]}"  # Tansu must never see a topic name twice
@@ -745,7 +745,7 @@ def main(args: argparse.Namespace) -> int:
     if args.model:
         model = args.model
     else:
-        from hotlora.engine.model_init import rl_base_model
+        from hotlora.models.model_init import rl_base_model
 
         model = rl_base_model()
     interrupt_on_sigterm()

@@ -53,8 +53,8 @@ async def measure(bootstrap: str | None, model: str, n: int, warmup: int, consol
     from hotlora.agents import HotLoraClient
     from hotlora.agents.readiness import wait_for_heartbeat
     from hotlora.demo import reap, terminate
-    from hotlora.engine.broker import EmbeddedBroker
     from hotlora.engine.core import Engine
+    from hotlora.engine.kafka.broker import EmbeddedBroker
 
     prefix = f"bench-hop-{os.getpid()}"
     broker = None if bootstrap else EmbeddedBroker().start()
@@ -112,7 +112,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from hotlora.engine.core import run
-    from hotlora.engine.tiny_model import TinyModelRecipe, ensure_tiny_model
+    from hotlora.models.tiny_model import TinyModelRecipe, ensure_tiny_model
 
     if args.requests < 1:
         raise SystemExit("error: --requests must be >= 1")

@@ -39,9 +39,9 @@ from typing import Any
 from rich.console import Console
 
 from hotlora.agents.metrics import read_events
-from hotlora.engine.broker import EmbeddedBroker
-from hotlora.engine.kafka_admin import ensure_topics
-from hotlora.engine.placement import partition_for
+from hotlora.engine.kafka.admin import ensure_topics
+from hotlora.engine.kafka.broker import EmbeddedBroker
+from hotlora.engine.kafka.placement import partition_for
 from hotlora.schemas import Heartbeat, Metrics, Topics
 from hotlora.top import TopState
 
@@ -424,7 +424,7 @@ def main(args: argparse.Namespace) -> int:
     import torch
 
     from hotlora.benchmarks.core import git_commit, machine_info, repo_root
-    from hotlora.engine.model_init import rl_base_model
+    from hotlora.models.model_init import rl_base_model
 
     if not args.steps > 0 or args.agents < 1:
         raise SystemExit("error: --steps and --agents must be >= 1")

@@ -42,7 +42,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from hotlora.benchmarks.core import git_commit, machine_info, repo_root
 from hotlora.benchmarks.experiments import interrupt_on_sigterm, quiet_client_logs
-from hotlora.engine.progress import progress_bar
+from hotlora.progress import progress_bar
 
 BACKENDS: tuple[str, ...] = ("native", "vllm")
 SECTION_HEADER = "## `hotlora bench sampler`"
@@ -521,7 +521,7 @@ def main(args: argparse.Namespace) -> int:
     else:
         # Not the random tiny model: it is saturated (it repeats a token with probability 1), so every
         # logprob is 0 and the train/inference mismatch could not show anything.
-        from hotlora.engine.model_init import rl_base_model
+        from hotlora.models.model_init import rl_base_model
 
         with stdout_to_stderr():  # a first build shows its progress bar, never on stdout
             model = rl_base_model()
@@ -530,7 +530,7 @@ def main(args: argparse.Namespace) -> int:
     else:
         # The RL base ends most completions at EOS within ~6 tokens, so decode would mostly time request
         # overheads; the random tiny model of the same shape never emits EOS and decodes every max_token.
-        from hotlora.engine.tiny_model import TinyModelRecipe, ensure_tiny_model
+        from hotlora.models.tiny_model import TinyModelRecipe, ensure_tiny_model
 
         decode_model = str(ensure_tiny_model(TinyModelRecipe()))
     command = command_line(args)

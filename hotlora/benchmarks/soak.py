@@ -35,7 +35,7 @@ from rich.console import Console
 from rich.progress import BarColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from hotlora.benchmarks.core import git_commit, machine_info, repo_root
-from hotlora.engine.progress import progress_bar
+from hotlora.progress import progress_bar
 
 DOCS_INTRO = """## `hotlora bench soak`
 
@@ -131,9 +131,9 @@ async def tenant(
 ) -> None:
     """One tenant's loop until ``stop_at[0]`` (monotonic); errors are counted and the loop goes on."""
     from hotlora.agents.grpo import group_advantages, rl_datum
-    from hotlora.engine.errors import HotLoraError
     from hotlora.engine.sampler import SamplingParams
     from hotlora.engine.types import AdamParams, LoraSpec
+    from hotlora.schemas.errors import HotLoraError
 
     adapter_id = f"soak-{index}"
     rng = random.Random(cfg.seed * 100_003 + index)
@@ -181,7 +181,7 @@ async def measure(cfg: SoakConfig, bootstrap: str | None, model: str, console: C
     from hotlora.agents import HotLoraClient
     from hotlora.agents.readiness import wait_for_heartbeat
     from hotlora.demo import reap, terminate
-    from hotlora.engine.broker import EmbeddedBroker
+    from hotlora.engine.kafka.broker import EmbeddedBroker
 
     prefix = f"bench-soak-{os.getpid()}-{int(time.time())}"
     workdir = Path(tempfile.mkdtemp(prefix="hotlora-soak-"))
@@ -344,7 +344,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from hotlora.engine.core import run
-    from hotlora.engine.tiny_model import TinyModelRecipe, ensure_tiny_model
+    from hotlora.models.tiny_model import TinyModelRecipe, ensure_tiny_model
 
     if args.tenants < 1:
         raise SystemExit("error: --tenants must be >= 1")

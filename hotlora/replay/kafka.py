@@ -1,6 +1,6 @@
 """The Kafka plumbing ``record`` and ``tail`` share: topic patterns and ``.hlr`` records of consumed ones.
 
-Both read with ``engine.kafka_admin.group_less_consumer`` (no consumer group, partitions assigned
+Both read with ``engine.kafka.admin.group_less_consumer`` (no consumer group, partitions assigned
 directly): a debugging tool must never take partitions away from the engine's group or commit offsets
 in anyone's name. Topics are
 named exactly or by shell-style pattern (``run1.*``), because agents' reply topics
@@ -16,7 +16,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
-from hotlora.engine.kafka_security import kafka_kwargs
+from hotlora.engine.kafka.security import kafka_kwargs
 from hotlora.replay.format import Record
 
 

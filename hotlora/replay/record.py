@@ -29,7 +29,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from hotlora.engine.kafka_admin import group_less_consumer, log_end_offsets
+from hotlora.engine.kafka.admin import group_less_consumer, log_end_offsets
 from hotlora.replay.format import Header, HlrWriter, Record
 from hotlora.replay.kafka import partitions_of, to_record
 

@@ -40,9 +40,9 @@ from typing import Any
 import msgspec
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from hotlora.engine.broker import EmbeddedBroker
-from hotlora.engine.kafka_admin import create_topics, ensure_topics, group_less_consumer
-from hotlora.engine.kafka_security import kafka_kwargs
+from hotlora.engine.kafka.admin import create_topics, ensure_topics, group_less_consumer
+from hotlora.engine.kafka.broker import EmbeddedBroker
+from hotlora.engine.kafka.security import kafka_kwargs
 from hotlora.replay.format import Header, HlrWriter, Record, read_file
 from hotlora.replay.kafka import to_record
 from hotlora.replay.messages import Contents, decode_record, read_contents
@@ -314,8 +314,8 @@ async def _read_results(
 @contextlib.asynccontextmanager
 async def _fresh_engine(options: ReplayOptions, contents: Contents, bootstrap: str, prefix: str, model: str | None):  # type: ignore[no-untyped-def]
     """A new ``EngineService`` in this process for the block, stopped gracefully after it (bounded)."""
-    from hotlora.engine.service import EngineService
-    from hotlora.engine.service_config import from_sources
+    from hotlora.engine.kafka.service import EngineService
+    from hotlora.engine.kafka.service_config import from_sources
 
     status = contents.status()
     with contextlib.ExitStack() as dirs:

@@ -20,7 +20,7 @@ from aiokafka import TopicPartition
 from rich.console import Console
 from rich.text import Text
 
-from hotlora.engine.kafka_admin import group_less_consumer, log_end_offsets
+from hotlora.engine.kafka.admin import group_less_consumer, log_end_offsets
 from hotlora.replay.format import Record
 from hotlora.replay.kafka import partitions_of, to_record
 from hotlora.replay.messages import ARRAY_DTYPES, array_of

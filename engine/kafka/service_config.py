@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from hotlora.engine.kafka_security import KafkaSecurity
+    from hotlora.engine.kafka.security import KafkaSecurity
 
 
 @dataclass
@@ -47,7 +47,7 @@ class ServiceConfig:
     vllm_gpu_memory_utilization: float = 0.5
     vllm_kv_cache_bytes: int = 256 << 20
     log_level: str = "info"
-    # Kafka transport security (engine.kafka_security); agents read the same HOTLORA_* variables.
+    # Kafka transport security (engine.kafka.security); agents read the same HOTLORA_* variables.
     security_protocol: str = "PLAINTEXT"
     sasl_mechanism: str = "PLAIN"
     sasl_username: str | None = None
@@ -78,7 +78,7 @@ class ServiceConfig:
 
     def kafka_security(self) -> KafkaSecurity:
         """The validated TLS/SASL settings; raises ``ValueError`` for a bad combination."""
-        from hotlora.engine.kafka_security import KafkaSecurity
+        from hotlora.engine.kafka.security import KafkaSecurity
 
         return KafkaSecurity.from_settings(self)
 

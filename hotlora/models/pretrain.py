@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 
-from hotlora.engine.corpus import examples, render
-from hotlora.engine.tiny_model import ProgressFn, TinyModelRecipe
+from hotlora.agents.corpus import examples, render
+from hotlora.models.tiny_model import ProgressFn, TinyModelRecipe
 
 
 def encode_batch(texts: list[str], tokenizer: PreTrainedTokenizerBase) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,9 +14,9 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from hotlora.engine.progress import progress_console
 from hotlora.engine.runner import ModelRunner
 from hotlora.engine.types import AdamParams, Datum, ForwardBackwardCall, LoraSpec
+from hotlora.progress import progress_console
 
 PROMPT = "favourite thing:"
 TARGETS = {"tenant-a": " the sea at dawn", "tenant-b": " 12+30=42, always"}
@@ -86,7 +86,7 @@ def train_two_adapters(runner: ModelRunner, steps: int, seed: int = 0, lr: float
 
 
 def run_sft_demo(model_dir: str | None, steps: int, seed: int = 0) -> int:
-    from hotlora.engine.tiny_model import TinyModelRecipe, ensure_tiny_model
+    from hotlora.models.tiny_model import TinyModelRecipe, ensure_tiny_model
 
     console = Console()
     path = Path(model_dir) if model_dir else ensure_tiny_model(TinyModelRecipe(seed=seed))

@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
-from hotlora.engine.errors import InvalidRequest
-from hotlora.engine.progress import progress_bar
-from hotlora.engine.tiny_model import COMPLETE_MARKER, TinyModelRecipe, default_cache_root, ensure_tiny_model
+from hotlora.models.tiny_model import COMPLETE_MARKER, TinyModelRecipe, default_cache_root, ensure_tiny_model
+from hotlora.progress import progress_bar
+from hotlora.schemas.errors import InvalidRequest
 
 DEFAULT_PRETRAIN_STEPS = 1500
 # A fifth of pretraining answers are another example's answer: the base then knows most answers but
@@ -70,9 +70,9 @@ def init_shape(
     seed: int = 0,
     force: bool = False,
 ) -> Path:
-    """Write a random-init model of a named real configuration (``engine.shapes``) into ``out_dir``."""
+    """Write a random-init model of a named real configuration (``hotlora.models.shapes``) into ``out_dir``."""
     from hotlora.engine.base_model import resolve_device, resolve_dtype
-    from hotlora.engine.shapes import get_shape, write_shape
+    from hotlora.models.shapes import get_shape, write_shape
 
     shape = get_shape(shape_name).with_overrides(layers=layers, vocab=vocab)
     if out_dir.exists() and any(out_dir.iterdir()) and not force:

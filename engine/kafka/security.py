@@ -9,7 +9,7 @@ variables (agents): ``HOTLORA_SECURITY_PROTOCOL``, ``HOTLORA_SASL_MECHANISM``, `
 What this protects: the connection (TLS encrypts it and authenticates the broker; SASL authenticates
 the client to the broker, so broker ACLs can restrict who may write the request topics). It does not
 give the engine a verified producer identity: a Kafka record carries none, which is why adapter
-ownership (``engine.ownership``) rests on the per-agent token in the request envelope.
+ownership (``engine.kafka.ownership``) rests on the per-agent token in the request envelope.
 """
 
 from __future__ import annotations

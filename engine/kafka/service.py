@@ -10,7 +10,7 @@ engine idempotent: a ``request_id`` seen again is answered from a bounded cache 
 ignored while its first copy is still in flight. Input offsets are committed only once every record up
 to them is answered (``OffsetTracker``), so a crash re-delivers unanswered requests, never loses them.
 
-Scale-out. Several engines join one consumer group; ``CoPartitionAssignor`` (engine.placement) gives
+Scale-out. Several engines join one consumer group; ``CoPartitionAssignor`` (engine.kafka.placement) gives
 each one whole partition numbers of all request topics, so each adapter has exactly one engine. On a
 rebalance the engine stops taking records, finishes what it started, makes it durable and commits;
 then it unloads the adapters it lost and loads the ones it gained from the shared snapshot store
@@ -42,25 +42,24 @@ from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 
 from hotlora.engine import requests as eng
-from hotlora.engine.broker import EmbeddedBroker
 from hotlora.engine.checkpoint import directory_sha256, save_checkpoint
 from hotlora.engine.core import Engine, EngineConfig, run
-from hotlora.engine.device_claim import CLAIM, DeviceClaim, claim_visible_gpu
-from hotlora.engine.durability import MAX_REPLIES, DurableAdapter, DurableStore, SnapshotStore
-from hotlora.engine.errors import HotLoraError, InvalidRequest
-from hotlora.engine.kafka_admin import ensure_topics
+from hotlora.engine.kafka.admin import ensure_topics
+from hotlora.engine.kafka.broker import EmbeddedBroker
+from hotlora.engine.kafka.convert import from_engine, to_engine
+from hotlora.engine.kafka.device_claim import CLAIM, DeviceClaim, claim_visible_gpu
+from hotlora.engine.kafka.durability import MAX_REPLIES, DurableAdapter, DurableStore, SnapshotStore
+from hotlora.engine.kafka.ownership import OwnershipGate
+from hotlora.engine.kafka.placement import CoPartitionAssignor, partition_for
+from hotlora.engine.kafka.sequencing import OffsetTracker, ResultCache, Sequencer, advance_point
+from hotlora.engine.kafka.service_config import ServiceConfig
 from hotlora.engine.observability import EngineMetrics
-from hotlora.engine.ownership import Forbidden, OwnershipGate
-from hotlora.engine.placement import CoPartitionAssignor, partition_for
 from hotlora.engine.runner import RunnerConfig
-from hotlora.engine.sequencing import OffsetTracker, ResultCache, Sequencer, advance_point
-from hotlora.engine.service_config import ServiceConfig
 from hotlora.engine.types import OptimStepOutput
 from hotlora.engine.vllm_sampler import VllmSettings
 from hotlora.schemas import messages as wire
 from hotlora.schemas.codec import decode, encode, is_topic_name, reject
-from hotlora.schemas.convert import from_engine, to_engine
-from hotlora.schemas.errors import SchemaError
+from hotlora.schemas.errors import Forbidden, HotLoraError, InvalidRequest, SchemaError
 from hotlora.schemas.topics import Topics, key_for
 
 log = structlog.get_logger("hotlora.service")
@@ -128,7 +127,7 @@ class EngineService:
         self.model = config.model or ""
         self.checkpoint_dir = Path(config.checkpoint_dir).resolve()
         self._security = config.kafka_security().kafka_kwargs()  # TLS/SASL; bad settings fail here
-        # Adapter owners (engine.ownership): one record per adapter, so engines can share checkpoint_dir.
+        # Adapter owners (engine.kafka.ownership): one record per adapter, so engines can share checkpoint_dir.
         self.owners = OwnershipGate.load(self.checkpoint_dir / "owners", legacy=self.checkpoint_dir / "owners.json")
         self.state = "starting"
         # Prometheus metrics (engine.observability): an injected engine's own, else one when --metrics-port is set.
@@ -142,7 +141,7 @@ class EngineService:
         self._offsets: OffsetTracker[TopicPartition] = OffsetTracker()
         self._results: ResultCache[str, wire.ResultMessage] = ResultCache(config.result_cache_size)
         self._inflight: dict[str, list[tuple[TopicPartition, int]]] = {}  # request_id -> records it answers
-        # Durability (engine.durability): a mutating request's offset is committed only once a current
+        # Durability (engine.kafka.durability): a mutating request's offset is committed only once a current
         # snapshot covers its seq; until then its records wait in ``_undurable``.
         # Every sequenced request of an adapter with durable state waits the same way (a sample too, so a
         # new owner's sequence never starts past a committed record); ``advance_point`` moves the mark
@@ -155,7 +154,7 @@ class EngineService:
         # adapter -> answered requests above its durable seq: (seq, mutating, records to commit then)
         self._undurable: dict[str, list[tuple[int, bool, list[tuple[TopicPartition, int]]]]] = {}
         self._advance_wanted: set[str] = set()
-        # Placement (engine.placement): the partition numbers this engine owns, None before the first
+        # Placement (engine.kafka.placement): the partition numbers this engine owns, None before the first
         # assignment. Records that arrive while an assignment's adapters load wait in ``_early``.
         self.assignor = CoPartitionAssignor()
         self.owned: set[int] | None = None
@@ -249,7 +248,7 @@ class EngineService:
             self.device_claim = claim_visible_gpu(Path(self.config.device_lock_dir))
             log.info("gpu_claimed", gpu=self.device_claim.gpu_id, lock=str(self.device_claim.path))
         if not self.model:
-            from hotlora.engine.tiny_model import TinyModelRecipe, ensure_tiny_model
+            from hotlora.models.tiny_model import TinyModelRecipe, ensure_tiny_model
 
             self.model = str(ensure_tiny_model(TinyModelRecipe()))
         settings = self.config
@@ -471,7 +470,7 @@ class EngineService:
             if isinstance(reply, wire.CreateAdapterResult | wire.DeleteAdapterResult | wire.LoadStateResult):
                 await self._publish_status()
 
-    # ----- rebalance (engine.placement) -----
+    # ----- rebalance (engine.kafka.placement) -----
 
     async def _quiesce(self, revoked: set[TopicPartition]) -> None:
         """Before the group reassigns partitions: finish what was started, make it durable, commit.
@@ -547,7 +546,7 @@ class EngineService:
         )
         self._spawn(self._send_heartbeat())
 
-    # ----- durability (engine.durability) -----
+    # ----- durability (engine.kafka.durability) -----
 
     async def _acquire(self, saved: DurableAdapter) -> None:
         """Load an adapter this engine now owns from its current snapshot; its sequence resumes after it."""

@@ -1,7 +1,7 @@
 """Topic administration: create hotlora's topics explicitly (Kafka auto-creation picks its own partition count).
 
 Used by the engine at start and by ``hotlora topics``. ``security`` is the aiokafka TLS/SASL kwargs
-(``engine.kafka_security``); ``None`` reads them from the ``HOTLORA_*`` environment variables.
+(``engine.kafka.security``); ``None`` reads them from the ``HOTLORA_*`` environment variables.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError, for_code
 
-from hotlora.engine.kafka_security import kafka_kwargs
+from hotlora.engine.kafka.security import kafka_kwargs
 from hotlora.schemas.topics import Topics
 
 MAX_FETCH_BYTES = 64 * 1024 * 1024  # a forward_backward of long rollouts is far above Kafka's 1 MiB default

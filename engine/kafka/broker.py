@@ -3,7 +3,7 @@
 Used when no ``--bootstrap`` / ``HOTLORA_BOOTSTRAP`` is given (the demo, tests). It speaks the Kafka
 wire protocol, so the same client code talks to Apache Kafka unchanged. Storage defaults to memory
 (everything is lost when it stops); ``storage="s3://bucket/"`` plus ``env`` (``AWS_ENDPOINT``...,
-see ``hotlora.engine.s3_local``) keeps topics, records and committed offsets across a restart.
+see ``hotlora.engine.kafka.s3_local``) keeps topics, records and committed offsets across a restart.
 """
 
 from __future__ import annotations

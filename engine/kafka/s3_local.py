@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
-from hotlora.engine.broker import free_port
+from hotlora.engine.kafka.broker import free_port
 
 READY_TIMEOUT_S = 30.0  # moto imports a lot; a busy 2-core machine takes a few seconds
 DUMMY_KEY_ID = "testing"

@@ -44,7 +44,7 @@ class TinyModelRecipe:
     pretrain_steps: int = 0
     pretrain_batch_size: int = 32
     pretrain_lr: float = 3e-3
-    pretrain_answer_noise: float = 0.0  # see engine.corpus.examples
+    pretrain_answer_noise: float = 0.0  # see agents.corpus.examples
 
     def cache_key(self) -> str:
         payload = json.dumps({"format": RECIPE_FORMAT, **dataclasses.asdict(self)}, sort_keys=True)
@@ -93,7 +93,7 @@ ProgressFn = Callable[[int, int, float], None]
 
 def build_tiny_model(recipe: TinyModelRecipe, out_dir: Path, progress: ProgressFn | None = None) -> Path:
     """Build (and optionally pretrain) the model into ``out_dir``."""
-    from hotlora.engine.pretrain import pretrain
+    from hotlora.models.pretrain import pretrain
 
     tokenizer = build_tokenizer()
     model = build_model(recipe, vocab_size=len(tokenizer))

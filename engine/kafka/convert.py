@@ -13,17 +13,6 @@ import numpy as np
 import torch
 
 from hotlora.engine import requests as eng
-from hotlora.engine.core import EngineClosed, InternalError
-from hotlora.engine.errors import (
-    AdapterExists,
-    CapacityExceeded,
-    CheckpointError,
-    HotLoraError,
-    InvalidRequest,
-    RolloutError,
-    UnknownAdapter,
-)
-from hotlora.engine.ownership import Forbidden
 from hotlora.engine.runner import AdapterInfo as EngineAdapterInfo
 from hotlora.engine.sampler import SampledSequence as EngineSampledSequence
 from hotlora.engine.sampler import SamplingParams
@@ -31,24 +20,7 @@ from hotlora.engine.types import AdamParams, ForwardBackwardOutput, LoraSpec, Op
 from hotlora.engine.types import Datum as EngineDatum
 from hotlora.schemas import messages as wire
 from hotlora.schemas.arrays import pack_f32, pack_i32, unpack_f32, unpack_i32
-from hotlora.schemas.errors import SchemaError
-
-# Every code the engine can put in an ``error`` message, and the exception an agent re-raises for it.
-ERROR_CODES: dict[str, type[HotLoraError]] = {
-    cls.code: cls
-    for cls in (
-        InvalidRequest,
-        UnknownAdapter,
-        AdapterExists,
-        CapacityExceeded,
-        CheckpointError,
-        RolloutError,
-        InternalError,
-        EngineClosed,
-        SchemaError,
-        Forbidden,
-    )
-}
+from hotlora.schemas.errors import ERROR_CODES, HotLoraError, InternalError, InvalidRequest
 
 # ----- requests -----
 

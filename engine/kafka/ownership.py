@@ -33,20 +33,14 @@ from typing import Any
 
 import structlog
 
-from hotlora.engine.durability import adapter_dir_name
-from hotlora.engine.errors import HotLoraError
+from hotlora.engine.kafka.durability import adapter_dir_name
 from hotlora.schemas import messages as wire
+from hotlora.schemas.errors import Forbidden
 
 log = structlog.get_logger("hotlora.ownership")
 
 FORMAT_VERSION = 1
 SCHEME = "hmac-sha256"
-
-
-class Forbidden(HotLoraError):
-    """The request's principal or token does not own the adapter; nothing was changed."""
-
-    code = "forbidden"
 
 
 def _digest(salt: bytes, token: str) -> bytes:

@@ -24,8 +24,8 @@ from tokenizers import Tokenizer, decoders, models
 from tokenizers.pre_tokenizers import ByteLevel
 from transformers import LlamaConfig, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast, Qwen3Config
 
-from hotlora.engine.errors import InvalidRequest
-from hotlora.engine.tiny_model import COMPLETE_MARKER, SPECIAL_TOKENS
+from hotlora.models.tiny_model import COMPLETE_MARKER, SPECIAL_TOKENS
+from hotlora.schemas.errors import InvalidRequest
 
 SHAPE_FORMAT = 1
 
