@@ -1,7 +1,8 @@
 """``HotLoraClient``: the asyncio SDK an agent or any service embeds to talk to the engine over Kafka.
 
-The verbs and their results are the in-process ``Engine``'s (``sample`` returns a ``SampleOutput``,
-``optim_step`` an ``OptimStepOutput``...), so an RL loop reads the same in process and over Kafka.
+The verbs are the in-process ``Engine``'s, inherited from the same ``engine.verbs.Verbs`` (``sample``
+returns a ``SampleOutput``, ``optim_step`` an ``OptimStepOutput``...); only ``submit`` differs, so an RL
+loop reads the same in process and over Kafka.
 
 Shape: one producer publishes requests keyed by adapter id; one consumer reads this client's own
 reply topic ``{prefix}.replies.{client_id}`` (one partition, assigned directly: no group join, no
@@ -24,12 +25,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import os
 import uuid
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
-from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -39,13 +38,10 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
-from hotlora.engine import requests as eng
 from hotlora.engine.kafka.convert import result_to_engine, to_wire
 from hotlora.engine.kafka.security import KafkaSecurity
-from hotlora.engine.requests import SampleOutput, SaveOutput
-from hotlora.engine.runner import AdapterInfo
-from hotlora.engine.sampler import SamplingParams
-from hotlora.engine.types import AdamParams, Datum, ForwardBackwardOutput, LoraSpec, OptimStepOutput
+from hotlora.engine.types import AdapterInfo, ListAdapters, Request
+from hotlora.engine.verbs import Verbs
 from hotlora.schemas import CheckpointEvent, Result, SchemaError, Topics, decode, encode, key_for, now_ms
 from hotlora.schemas.errors import ClientClosed, HotLoraError, RequestTimeout
 
@@ -79,7 +75,7 @@ class ClientStats:
     per_adapter_seq: dict[str, int] = field(default_factory=dict)  # the last seq sent per adapter
 
 
-class HotLoraClient:
+class HotLoraClient(Verbs):
     """Asyncio client for the hotlora engine; ``async with HotLoraClient(bootstrap) as client: ...``.
 
     ``request_timeout`` bounds each attempt, so a call fails after at most
@@ -210,34 +206,7 @@ class HotLoraClient:
         """Requests sent and not yet answered (or given up on)."""
         return self.stats.in_flight
 
-    # ----- the typed verbs (the in-process Engine's, see hotlora.engine.core) -----
-
-    async def create_adapter(
-        self,
-        adapter_id: str,
-        spec: LoraSpec | None = None,
-        weight: float = 1.0,
-        *,
-        rank: int | None = None,
-        alpha: float | None = None,
-        targets: str | tuple[str, ...] | list[str] | None = None,
-        seed: int | None = None,
-    ) -> AdapterInfo:
-        """A new adapter from ``spec``, or from keyword fields over ``LoraSpec``'s defaults."""
-        overrides: dict[str, Any] = {"rank": rank, "alpha": alpha, "seed": seed}
-        if targets is not None:
-            overrides["targets"] = targets if isinstance(targets, str) else tuple(targets)
-        spec = dataclasses.replace(spec or LoraSpec(), **{k: v for k, v in overrides.items() if v is not None})
-        return await self.submit(eng.CreateAdapter(adapter_id, spec, weight))
-
-    async def delete_adapter(self, adapter_id: str) -> None:
-        await self.submit(eng.DeleteAdapter(adapter_id))
-
-    async def list_adapters(self, adapter_id: str = "") -> list[AdapterInfo]:
-        """The adapters of one engine. With several engines (``docs/scale-out.md``) that is the engine
-        owning ``adapter_id``'s partition if given, else the one owning a random partition; the heartbeats
-        (``hotlora status``) list every engine's."""
-        return await self.submit(eng.ListAdapters(adapter_id=adapter_id))
+    # ----- the verbs come from engine.verbs.Verbs; resume is the client's own -----
 
     async def resume(self, adapter_id: str) -> AdapterInfo | None:
         """Continue an adapter this client did not create (an agent restarted after a crash): its next
@@ -249,44 +218,16 @@ class HotLoraClient:
             seqs[adapter_id] = max(seqs.get(adapter_id, 0), info.seq)
         return info
 
-    async def sample(
-        self, adapter_id: str | None, prompt_tokens: list[int], n: int = 1, params: SamplingParams | None = None
-    ) -> SampleOutput:
-        """``adapter_id=None`` samples the plain base model (unordered, ``seq`` 0)."""
-        return await self.submit(eng.Sample(adapter_id, list(prompt_tokens), n, params or SamplingParams()))
-
-    async def forward_backward(
-        self,
-        adapter_id: str,
-        datums: list[Datum],
-        loss_fn: str = "cross_entropy",
-        loss_config: dict[str, float] | None = None,
-    ) -> ForwardBackwardOutput:
-        return await self.submit(eng.ForwardBackward(adapter_id, list(datums), loss_fn, dict(loss_config or {})))
-
-    async def optim_step(self, adapter_id: str, params: AdamParams | None = None) -> OptimStepOutput:
-        return await self.submit(eng.OptimStep(adapter_id, params or AdamParams()))
-
-    async def save_state(self, adapter_id: str, path: str | Path, include_optimizer: bool = True) -> SaveOutput:
-        """``path`` is a directory on storage the engine can reach (not necessarily this machine's)."""
-        return await self.submit(eng.SaveState(adapter_id, path, include_optimizer))
-
-    async def save_weights_for_sampler(self, adapter_id: str, path: str | Path) -> SaveOutput:
-        return await self.save_state(adapter_id, path, include_optimizer=False)
-
-    async def load_state(self, adapter_id: str, path: str | Path) -> AdapterInfo:
-        return await self.submit(eng.LoadState(adapter_id, path))
-
     # ----- the one path every verb takes -----
 
-    async def submit(self, request: eng.Request) -> Any:
+    async def submit(self, request: Request) -> Any:
         """Send one engine request and return its engine-typed result, or raise its typed error."""
         self._check_open()
         async with self._slots:
             self._check_open()  # the client may have closed while this call waited for a slot
             adapter_id = getattr(request, "adapter_id", None) or ""
             # list_adapters and base-model sampling opt out of ordering (seq 0), as the protocol says.
-            ordered = bool(adapter_id) and not isinstance(request, eng.ListAdapters)
+            ordered = bool(adapter_id) and not isinstance(request, ListAdapters)
             seq = self.stats.per_adapter_seq.get(adapter_id, 0) + 1 if ordered else 0
             message = to_wire(request, seq=seq, reply_to=self.reply_topic, principal=self.principal, token=self._token)
             if ordered:  # taken only once the message exists, so a request that fails to build leaves no gap

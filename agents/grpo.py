@@ -3,7 +3,7 @@
 Per step: sample a group of completions per prompt (all prompts at once: the engine batches them),
 score them with the task's verifier, advantage = reward - group mean, skip groups with no signal,
 ``forward_backward`` with ``importance_sampling`` or ``ppo`` on the sampler's logprobs, ``optim_step``.
-The loop takes anything with the client's verbs: a ``HotLoraClient`` over Kafka or the in-process
+The loop takes any ``engine.verbs.Verbs``: a ``HotLoraClient`` over Kafka or the in-process
 ``Engine``. Metrics go to an ``emit`` callback (``agents.metrics.MetricsSink`` prints and publishes).
 """
 
@@ -15,16 +15,21 @@ import statistics
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Protocol
+from typing import Any
 
 from transformers import AutoTokenizer
 
 from hotlora.agents.client import HotLoraClient
 from hotlora.agents.metrics import MetricsSink, read_topic
 from hotlora.agents.tasks import TASKS, ContinualSchedule, render_prompt
-from hotlora.engine.requests import SampleOutput, SaveOutput
-from hotlora.engine.sampler import SamplingParams
-from hotlora.engine.types import AdamParams, Datum, ForwardBackwardOutput, LoraSpec, OptimStepOutput
+from hotlora.engine.types import (
+    AdamParams,
+    Datum,
+    ForwardBackwardOutput,
+    LoraSpec,
+    SamplingParams,
+)
+from hotlora.engine.verbs import Verbs
 from hotlora.schemas import Metrics
 
 CONTINUAL_TASKS = ("sort", "format", "reverse")
@@ -51,22 +56,6 @@ class GrpoConfig:
     seed: int = 0
     # Where a continual run saves each phase's state; relative paths land under the engine's --checkpoint-dir.
     checkpoint_dir: str = "continual"
-
-
-class Verbs(Protocol):
-    """The client verbs the loop uses; ``HotLoraClient`` and ``engine.core.Engine`` both have them."""
-
-    async def sample(
-        self, adapter_id: str | None, prompt_tokens: list[int], n: int = 1, params: SamplingParams | None = None
-    ) -> SampleOutput: ...
-
-    async def forward_backward(
-        self, adapter_id: str, datums: list[Datum], loss_fn: str = ..., loss_config: dict[str, float] | None = ...
-    ) -> ForwardBackwardOutput: ...
-
-    async def optim_step(self, adapter_id: str, params: AdamParams | None = None) -> OptimStepOutput: ...
-
-    async def save_state(self, adapter_id: str, path: str, include_optimizer: bool = True) -> SaveOutput: ...
 
 
 # ----- the pure parts, tested by hand -----
@@ -290,7 +279,7 @@ async def run_grpo_agent(
 
 
 def main(cfg: GrpoConfig, bootstrap: str, model: str, topic_prefix: str = "hotlora", resume: bool = False) -> int:
-    from hotlora.engine.core import run
+    from hotlora.engine.event_loop import run
 
     try:
         return run(run_grpo_agent(cfg, bootstrap, model, topic_prefix, resume))

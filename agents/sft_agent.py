@@ -15,8 +15,7 @@ from dataclasses import dataclass
 from transformers import AutoTokenizer
 
 from hotlora.agents.client import HotLoraClient
-from hotlora.engine.sampler import SamplingParams
-from hotlora.engine.types import AdamParams, Datum, LoraSpec
+from hotlora.engine.types import AdamParams, Datum, LoraSpec, SamplingParams
 
 PROMPT = "favourite thing:"
 TARGETS = [" the sea at dawn", " 12+30=42, always", " count a in banana: 3", " reverse abc: cba"]
@@ -72,7 +71,7 @@ async def run_sft_agent(cfg: SftAgentConfig) -> int:
 
 
 def main(cfg: SftAgentConfig) -> int:
-    from hotlora.engine.core import run
+    from hotlora.engine.event_loop import run
 
     try:
         return run(run_sft_agent(cfg))

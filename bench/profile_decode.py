@@ -41,8 +41,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig, PretrainedConfig, Qw
 
 from hotlora.engine.base_model import BaseModel, load_base_model
 from hotlora.engine.runner import ModelRunner, RunnerConfig
-from hotlora.engine.sampler import NativeSampler, SampleRequest, SamplingParams
-from hotlora.engine.types import LoraSpec
+from hotlora.engine.sampler import NativeSampler
+from hotlora.engine.types import LoraSpec, Sample, SamplingParams
 from hotlora.models.shapes import SHAPES as REAL_SHAPES
 from hotlora.models.shapes import build_shape_model, build_shape_tokenizer, get_shape
 from hotlora.models.tiny_model import build_tokenizer
@@ -150,7 +150,7 @@ class Workload:
             length = max(2, args.prompt + self.rng.randint(-spread, spread))
             prompt = [self.rng.randrange(3, self.vocab) for _ in range(length)]
             adapter = f"a{self.added % args.adapters}" if args.adapters else None
-            request = SampleRequest(f"r{self.added}", adapter, prompt, 1, self._params(self.added))
+            request = Sample(adapter, prompt, 1, self._params(self.added), request_id=f"r{self.added}")
             self.sampler.add(request)
             self.added += 1
 

@@ -42,7 +42,7 @@ from hotlora.engine import base_model as base_model_module
 from hotlora.engine.base_model import BaseModel, resolve_device, resolve_dtype
 from hotlora.engine.batching import pack_forward_backward
 from hotlora.engine.runner import ModelRunner, RunnerConfig
-from hotlora.engine.types import Datum, ForwardBackwardCall, LoraSpec
+from hotlora.engine.types import Datum, ForwardBackward, LoraSpec
 
 SHAPES: dict[str, dict[str, int]] = {
     "wide": dict(hidden=1024, layers=4, heads=16, kv_heads=8, head_dim=64, intermediate=3072, vocab=32768),
@@ -109,7 +109,7 @@ def build_runner(args: argparse.Namespace, device: torch.device, dtype: torch.dt
     return ModelRunner(base, runner_config)
 
 
-def make_calls(args: argparse.Namespace, vocab: int) -> list[ForwardBackwardCall]:
+def make_calls(args: argparse.Namespace, vocab: int) -> list[ForwardBackward]:
     gen = torch.Generator().manual_seed(1)
     per_adapter = args.tokens // args.adapters
     calls = []
@@ -125,7 +125,7 @@ def make_calls(args: argparse.Namespace, vocab: int) -> list[ForwardBackwardCall
             advantages = torch.randn(length, generator=gen) * weights
             datums.append(Datum.create(tokens[:-1], tokens[1:], weights, logprobs, advantages))
             left -= length
-        calls.append(ForwardBackwardCall(f"ad-{k}", datums, "cross_entropy" if k % 2 == 0 else "ppo"))
+        calls.append(ForwardBackward(f"ad-{k}", datums, "cross_entropy" if k % 2 == 0 else "ppo"))
     return calls
 
 
@@ -139,7 +139,7 @@ def clear_grads(runner: ModelRunner) -> None:
         adapter.optimizer.zero_grad()
 
 
-def step(runner: ModelRunner, calls: list[ForwardBackwardCall]) -> None:
+def step(runner: ModelRunner, calls: list[ForwardBackward]) -> None:
     for output in runner.forward_backward_many(calls):
         if isinstance(output, Exception):
             raise output
@@ -167,7 +167,7 @@ def rss_kib(field: str) -> int:
     raise RuntimeError(f"{field} missing from /proc/self/status")
 
 
-def profiled_step(runner: ModelRunner, calls: list[ForwardBackwardCall], device: torch.device, top: int) -> dict:
+def profiled_step(runner: ModelRunner, calls: list[ForwardBackward], device: torch.device, top: int) -> dict:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities, profile_memory=True) as prof:
         step(runner, calls)

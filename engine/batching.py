@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from hotlora.engine.losses import LossInputs
-from hotlora.engine.types import Datum, ForwardBackwardCall, ForwardBackwardOutput
+from hotlora.engine.types import Datum, ForwardBackward, ForwardBackwardOutput
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ class MicroBatch:
 
 
 def pack_forward_backward(
-    calls: Sequence[ForwardBackwardCall], slots: Mapping[str, int], token_budget: int
+    calls: Sequence[ForwardBackward], slots: Mapping[str, int], token_budget: int
 ) -> list[MicroBatch]:
     """Greedy first-come packing under ``token_budget`` padded tokens per micro-batch.
 
@@ -99,7 +99,7 @@ class CollatedBatch:
         )
 
 
-def collate(batch: MicroBatch, calls: Sequence[ForwardBackwardCall], device: torch.device) -> CollatedBatch:
+def collate(batch: MicroBatch, calls: Sequence[ForwardBackward], device: torch.device) -> CollatedBatch:
     n, width = len(batch.rows), batch.width
     input_ids = torch.zeros(n, width, dtype=torch.long)
     target_ids = torch.zeros(n, width, dtype=torch.long)
@@ -137,7 +137,7 @@ def collate(batch: MicroBatch, calls: Sequence[ForwardBackwardCall], device: tor
 class ResultAssembler:
     """Collects per-row results from micro-batches back into one output per call."""
 
-    def __init__(self, calls: Sequence[ForwardBackwardCall]) -> None:
+    def __init__(self, calls: Sequence[ForwardBackward]) -> None:
         self.calls = calls
         self._losses: list[list[float | None]] = [[None] * len(c.datums) for c in calls]
         self._logprobs: list[list[torch.Tensor | None]] = [[None] * len(c.datums) for c in calls]

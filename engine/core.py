@@ -1,6 +1,6 @@
 """``Engine``: the asyncio facade and the busy loop over the scheduler and the model runner.
 
-Shaped like vLLM v1's ``EngineCore``. Callers ``await engine.submit(request)`` (or a typed verb); the
+Shaped like vLLM v1's ``EngineCore``. Callers ``await engine.submit(request)`` (or a verb of ``engine.verbs``); the
 request joins the pure ``Scheduler``; the busy loop asks the scheduler for the next step and runs it on
 the model in ONE dedicated worker thread, then reports completions back to the scheduler and resolves
 the callers' futures on the event loop.
@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,21 +31,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import structlog
 
-from hotlora.engine.requests import (
-    CreateAdapter,
-    DeleteAdapter,
-    ForwardBackward,
-    ListAdapters,
-    LoadState,
-    OptimStep,
-    Request,
-    Sample,
-    SampleOutput,
-    SaveOutput,
-    SaveState,
-)
-from hotlora.engine.runner import AdapterInfo, ModelRunner, RunnerConfig
-from hotlora.engine.sampler import NativeSampler, SampleRequest, SamplingParams, validate_sample
+from hotlora.engine.runner import ModelRunner, RunnerConfig
+from hotlora.engine.sampler import NativeSampler, validate_sample
 from hotlora.engine.scheduler import (
     DecodeSlice,
     Idle,
@@ -59,13 +46,21 @@ from hotlora.engine.scheduler import (
     validate_weight,
 )
 from hotlora.engine.types import (
-    AdamParams,
-    Datum,
-    ForwardBackwardCall,
-    ForwardBackwardOutput,
-    LoraSpec,
+    AdapterInfo,
+    CreateAdapter,
+    DeleteAdapter,
+    ForwardBackward,
+    ListAdapters,
+    LoadState,
+    OptimStep,
     OptimStepOutput,
+    Request,
+    Sample,
+    SampleOutput,
+    SaveOutput,
+    SaveState,
 )
+from hotlora.engine.verbs import Verbs
 from hotlora.engine.vllm_sampler import VllmSampler, VllmSettings, resolve_sampler
 from hotlora.schemas.errors import EngineClosed, HotLoraError, InternalError, InvalidRequest, RolloutError
 
@@ -93,7 +88,7 @@ class EngineConfig:
 Done = list[tuple[str, Any]]  # (request_id, result or HotLoraError)
 
 
-class Engine:
+class Engine(Verbs):
     """One hot base model, many adapters; see the module docstring for the threading model."""
 
     def __init__(
@@ -209,14 +204,11 @@ class Engine:
         if isinstance(request, Sample):
             # Validated before the scheduler sees it: an absurd max_tokens would make an absurd DRR cost.
             base = self.runner.base
-            sample = SampleRequest(rid, request.adapter_id, request.prompt_tokens, request.n, request.params)
-            validate_sample(sample, base.vocab_size, base.max_positions, self.config.max_decode_rows)
+            validate_sample(request, base.vocab_size, base.max_positions, self.config.max_decode_rows)
             cost = request.n * (len(request.prompt_tokens) + request.params.max_tokens)
             adapter = request.adapter_id or BASE_ADAPTER
             return WorkItem(rid, adapter, WorkKind.SAMPLE, tokens=max(cost, 1), rows=max(request.n, 1))
         if isinstance(request, ForwardBackward):
-            if not request.datums:
-                raise InvalidRequest("forward_backward needs at least one datum")
             width = max(len(d) for d in request.datums)
             return WorkItem(
                 rid, request.adapter_id, WorkKind.FORWARD_BACKWARD, width * len(request.datums), len(request.datums)
@@ -230,43 +222,6 @@ class Engine:
         if isinstance(request, CreateAdapter | DeleteAdapter | SaveState | LoadState):
             return WorkItem(rid, request.adapter_id, WorkKind.CONTROL, tokens=0)
         raise InvalidRequest(f"unknown request type {type(request).__name__}")
-
-    # ----- the typed verbs (Tinker vocabulary) -----
-
-    async def create_adapter(self, adapter_id: str, spec: LoraSpec | None = None, weight: float = 1.0) -> AdapterInfo:
-        return await self.submit(CreateAdapter(adapter_id, spec or LoraSpec(), weight))
-
-    async def delete_adapter(self, adapter_id: str) -> None:
-        await self.submit(DeleteAdapter(adapter_id))
-
-    async def list_adapters(self) -> list[AdapterInfo]:
-        return await self.submit(ListAdapters())
-
-    async def sample(
-        self, adapter_id: str | None, prompt_tokens: list[int], n: int = 1, params: SamplingParams | None = None
-    ) -> SampleOutput:
-        return await self.submit(Sample(adapter_id, list(prompt_tokens), n, params or SamplingParams()))
-
-    async def forward_backward(
-        self,
-        adapter_id: str,
-        datums: list[Datum],
-        loss_fn: str = "cross_entropy",
-        loss_config: dict[str, float] | None = None,
-    ) -> ForwardBackwardOutput:
-        return await self.submit(ForwardBackward(adapter_id, list(datums), loss_fn, dict(loss_config or {})))
-
-    async def optim_step(self, adapter_id: str, params: AdamParams | None = None) -> OptimStepOutput:
-        return await self.submit(OptimStep(adapter_id, params or AdamParams()))
-
-    async def save_state(self, adapter_id: str, path: str | Path, include_optimizer: bool = True) -> SaveOutput:
-        return await self.submit(SaveState(adapter_id, path, include_optimizer))
-
-    async def save_weights_for_sampler(self, adapter_id: str, path: str | Path) -> SaveOutput:
-        return await self.save_state(adapter_id, path, include_optimizer=False)
-
-    async def load_state(self, adapter_id: str, path: str | Path) -> AdapterInfo:
-        return await self.submit(LoadState(adapter_id, path))
 
     # ----- the busy loop -----
 
@@ -316,8 +271,7 @@ class Engine:
         assert isinstance(request, Sample)
         result: Any
         try:
-            sample = SampleRequest(request_id, request.adapter_id, request.prompt_tokens, request.n, request.params)
-            result = await self.rollout.generate(sample)
+            result = await self.rollout.generate(request)
         except HotLoraError as err:
             result = err
         except asyncio.CancelledError:
@@ -443,20 +397,10 @@ class Engine:
         return next(info for info in self.runner.list_adapters() if info.adapter_id == adapter_id)
 
     def _run_train(self, step: TrainSlice, done: Done) -> None:
-        calls: list[ForwardBackwardCall] = []
-        ids: list[str] = []
-        for item in step.items:
-            request = self._requests[item.request_id]
-            assert isinstance(request, ForwardBackward)
-            try:
-                calls.append(
-                    ForwardBackwardCall(request.adapter_id, request.datums, request.loss_fn, request.loss_config)
-                )
-                ids.append(item.request_id)
-            except HotLoraError as err:
-                done.append((item.request_id, err))
-        outputs = self.runner.forward_backward_many(calls)
-        done.extend(zip(ids, outputs, strict=True))
+        calls = [self._requests[item.request_id] for item in step.items]
+        assert all(isinstance(call, ForwardBackward) for call in calls)
+        outputs = self.runner.forward_backward_many(calls)  # type: ignore[arg-type]
+        done.extend(zip([item.request_id for item in step.items], outputs, strict=True))
 
     def _run_decode(self, step: DecodeSlice, done: Done) -> None:
         """Admit, then decode; ``done`` fills as requests finish, so a later failure loses none of them."""
@@ -465,10 +409,7 @@ class Engine:
             request = self._requests[item.request_id]
             assert isinstance(request, Sample)
             try:
-                sample = SampleRequest(
-                    request.request_id, request.adapter_id, request.prompt_tokens, request.n, request.params
-                )
-                self.sampler.add(sample)
+                self.sampler.add(request)
             except HotLoraError as err:
                 done.append((item.request_id, err))
         for _ in range(step.steps):
@@ -478,12 +419,3 @@ class Engine:
             done.extend(self.sampler.pop_failures().items())
             if not self.sampler.has_unfinished():
                 break
-
-
-def run(main: Coroutine[Any, Any, T]) -> T:
-    """Run a coroutine on uvloop when it is installed (the engine's production loop), else asyncio."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(main)
-    return uvloop.run(main)

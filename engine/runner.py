@@ -30,7 +30,7 @@ from hotlora.engine.losses import compute_loss, target_logprobs, validate_loss_c
 from hotlora.engine.types import (
     AdamParams,
     Datum,
-    ForwardBackwardCall,
+    ForwardBackward,
     ForwardBackwardOutput,
     LoraSpec,
     OptimStepOutput,
@@ -138,13 +138,13 @@ class ModelRunner:
         loss_fn: str = "cross_entropy",
         loss_config: dict[str, float] | None = None,
     ) -> ForwardBackwardOutput:
-        call = ForwardBackwardCall(adapter_id, list(datums), loss_fn, dict(loss_config or {}))
+        call = ForwardBackward(adapter_id, list(datums), loss_fn, dict(loss_config or {}))
         result = self.forward_backward_many([call])[0]
         if isinstance(result, HotLoraError):
             raise result
         return result
 
-    def forward_backward_many(self, calls: Sequence[ForwardBackwardCall]) -> list[ForwardBackwardOutput | HotLoraError]:
+    def forward_backward_many(self, calls: Sequence[ForwardBackward]) -> list[ForwardBackwardOutput | HotLoraError]:
         """Run many adapters' calls in shared micro-batches; a bad call fails alone."""
         results: list[ForwardBackwardOutput | HotLoraError | None] = [None] * len(calls)
         valid: list[int] = []
@@ -159,7 +159,7 @@ class ModelRunner:
             results[index] = output
         return [r for r in results if r is not None]
 
-    def validate_call(self, call: ForwardBackwardCall) -> None:
+    def validate_call(self, call: ForwardBackward) -> None:
         self.adapters.get(call.adapter_id)
         validate_loss_config(call.loss_fn, call.loss_config)
         vocab, max_len = self.base.vocab_size, self.base.max_positions
@@ -173,7 +173,7 @@ class ModelRunner:
             if call.loss_fn in RL_LOSSES and (datum.logprobs is None or datum.advantages is None):
                 raise InvalidRequest(f"datum {i}: {call.loss_fn!r} needs sampler logprobs and advantages")
 
-    def run_calls(self, calls: Sequence[ForwardBackwardCall]) -> list[ForwardBackwardOutput]:
+    def run_calls(self, calls: Sequence[ForwardBackward]) -> list[ForwardBackwardOutput]:
         """Pack and run validated calls; outputs come back in call order.
 
         When the calls name more adapters than can be resident beside the pinned ones, they run in
@@ -209,7 +209,7 @@ class ModelRunner:
                 # ``earlier + new`` in that order, as autograd's accumulation would have added them.
                 p.grad = grad.to(p.device) if new is None else grad.to(p.device).add_(new)
 
-    def _run_calls(self, calls: Sequence[ForwardBackwardCall]) -> list[ForwardBackwardOutput]:
+    def _run_calls(self, calls: Sequence[ForwardBackward]) -> list[ForwardBackwardOutput]:
         outputs: list[ForwardBackwardOutput | None] = [None] * len(calls)
         for group in self.resident_groups(calls):
             group_calls = [calls[i] for i in group]
@@ -225,7 +225,7 @@ class ModelRunner:
                 outputs[index] = output
         return [o for o in outputs if o is not None]
 
-    def resident_groups(self, calls: Sequence[ForwardBackwardCall]) -> list[list[int]]:
+    def resident_groups(self, calls: Sequence[ForwardBackward]) -> list[list[int]]:
         """Split call indices, in order, into groups whose adapters fit in the resident slots.
 
         A group closes when one more distinct adapter would push it, together with the adapters pinned
@@ -247,9 +247,7 @@ class ModelRunner:
             groups.append(current)
         return groups
 
-    def run_micro_batch(
-        self, batch: MicroBatch, calls: Sequence[ForwardBackwardCall]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def run_micro_batch(self, batch: MicroBatch, calls: Sequence[ForwardBackward]) -> tuple[torch.Tensor, torch.Tensor]:
         """One forward and one backward over rows of many adapters; gradients accumulate per adapter.
 
         Logprobs come from the decoder's last hidden states at real positions only, through the output

@@ -39,6 +39,7 @@ with what else is in its batch, so batch invariance is not claimed in bf16.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import math
@@ -55,6 +56,7 @@ from hotlora.engine.decode_attention import DecodePlan, decode_attention, paddin
 from hotlora.engine.kv_cache import KVStore, StoreCache, to_device, upload
 from hotlora.engine.lora import lora_batch
 from hotlora.engine.runner import ModelRunner
+from hotlora.engine.types import Sample, SampledSequence, SamplingParams, is_int
 from hotlora.schemas.errors import CapacityExceeded, HotLoraError, InvalidRequest, UnknownAdapter
 
 # Extra tokens decoded before a stop string's worth of bytes, so a multi-byte character cut at the
@@ -64,67 +66,7 @@ STOP_TAIL_MARGIN = 3
 KV_MEMORY_FRACTION = 0.5
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How one request samples. ``temperature=0`` is greedy; EOS always stops a sequence."""
-
-    max_tokens: int = 64
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0  # 0 = off
-    stop: tuple[str | int, ...] = ()  # stop strings or stop token ids
-    seed: int | None = None
-
-    def __post_init__(self) -> None:
-        if not _is_int(self.max_tokens) or self.max_tokens < 1:
-            raise InvalidRequest(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
-        temperature = self.temperature
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-            raise InvalidRequest(f"temperature must be a number, got {temperature!r}")
-        if not (math.isfinite(temperature) and temperature >= 0):
-            raise InvalidRequest(f"temperature must be finite and >= 0 (0 = greedy), got {temperature!r}")
-        top_p = self.top_p
-        if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0:
-            raise InvalidRequest(f"top_p must lie in (0, 1], got {top_p!r}")
-        if not _is_int(self.top_k) or self.top_k < 0:
-            raise InvalidRequest(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
-        stop = (self.stop,) if isinstance(self.stop, (str, int)) else self.stop
-        if not isinstance(stop, (tuple, list)):
-            raise InvalidRequest(f"stop must be a tuple of strings or token ids, got {self.stop!r}")
-        for item in stop:
-            if isinstance(item, str) and not item:
-                raise InvalidRequest("stop strings must be non-empty")
-            if not isinstance(item, str) and not (_is_int(item) and item >= 0):
-                raise InvalidRequest(f"stop entries must be non-empty strings or token ids >= 0, got {item!r}")
-        object.__setattr__(self, "stop", tuple(stop))  # frozen: keep it hashable
-        if self.seed is not None and not _is_int(self.seed):
-            raise InvalidRequest(f"seed must be an integer or None, got {self.seed!r}")
-
-
-@dataclass
-class SampledSequence:
-    """One generated sequence: its tokens (with the stop token that ended it) and raw logprobs."""
-
-    tokens: list[int]
-    logprobs: list[float]
-    stop_reason: str  # "stop" | "length"
-    adapter_version: int
-
-
-@dataclass
-class SampleRequest:
-    request_id: str
-    adapter_id: str | None  # None = plain base
-    prompt_tokens: list[int]
-    n: int
-    params: SamplingParams
-
-
-def validate_sample(request: SampleRequest, vocab_size: int, max_positions: int, max_rows: int) -> list[int]:
+def validate_sample(request: Sample, vocab_size: int, max_positions: int, max_rows: int) -> list[int]:
     """The request's prompt as plain ints, or ``InvalidRequest`` naming what is wrong.
 
     Shared by every sampler backend, so a bad request fails the same way whichever one serves it.
@@ -135,7 +77,7 @@ def validate_sample(request: SampleRequest, vocab_size: int, max_positions: int,
     params = request.params
     if not isinstance(params, SamplingParams):
         raise InvalidRequest(f"params must be SamplingParams, got {type(params).__name__}")
-    if not _is_int(request.n) or not 1 <= request.n <= max_rows:
+    if not is_int(request.n) or not 1 <= request.n <= max_rows:
         raise InvalidRequest(f"n must be an integer in [1, {max_rows}], got {request.n!r}")
     try:
         prompt = [operator.index(t) for t in request.prompt_tokens]
@@ -159,7 +101,7 @@ def validate_sample(request: SampleRequest, vocab_size: int, max_positions: int,
 class _Request:
     """A request's sampler-side state: resolved adapter, stop sets and the sequences done so far."""
 
-    request: SampleRequest
+    request: Sample
     adapter: Adapter | None
     slot: int
     order: int
@@ -242,9 +184,9 @@ class NativeSampler:
     """
 
     def __init__(self, runner: ModelRunner, max_rows: int = 64, max_kv_bytes: int | None = None) -> None:
-        if not _is_int(max_rows) or max_rows < 1:
+        if not is_int(max_rows) or max_rows < 1:
             raise InvalidRequest(f"max_rows must be a positive integer, got {max_rows!r}")
-        if max_kv_bytes is not None and (not _is_int(max_kv_bytes) or max_kv_bytes < 1):
+        if max_kv_bytes is not None and (not is_int(max_kv_bytes) or max_kv_bytes < 1):
             raise InvalidRequest(f"max_kv_bytes must be a positive integer or None, got {max_kv_bytes!r}")
         config = runner.model.config.get_text_config(decoder=True)
         layer_types = getattr(config, "layer_types", None) or ()
@@ -293,15 +235,15 @@ class NativeSampler:
         ids: set[int] = set()
         sources = [self.tokenizer.eos_token_id, getattr(self.model.generation_config, "eos_token_id", None)]
         for source in sources:
-            if _is_int(source):
+            if is_int(source):
                 ids.add(source)
             elif isinstance(source, (list, tuple)):
-                ids.update(i for i in source if _is_int(i))
+                ids.update(i for i in source if is_int(i))
         return frozenset(ids)
 
     # ----- requests -----
 
-    def add(self, request: SampleRequest) -> None:
+    def add(self, request: Sample) -> None:
         """Validate and queue; a bad request raises here and never reaches the batch."""
         prompt = validate_sample(request, self.vocab_size, self.runner.base.max_positions, self.max_rows)
         rid, params = request.request_id, request.params
@@ -311,7 +253,7 @@ class NativeSampler:
         adapter = None if request.adapter_id is None else self.runner.adapters.get(request.adapter_id)
         stop_strings = tuple(s for s in params.stop if isinstance(s, str))
         state = _Request(
-            request=SampleRequest(rid, request.adapter_id, prompt, request.n, params),
+            request=dataclasses.replace(request, prompt_tokens=prompt),
             adapter=adapter,
             slot=-1,  # known once admission pins the adapter into a resident slot
             order=next(self._order),
@@ -390,7 +332,7 @@ class NativeSampler:
         request_id = f"sample-{next(self._sample_ids)}"
         while request_id in self._requests:
             request_id = f"sample-{next(self._sample_ids)}"
-        self.add(SampleRequest(request_id, adapter_id, list(prompt_tokens), n, params or SamplingParams()))
+        self.add(Sample(adapter_id, list(prompt_tokens), n, params or SamplingParams(), request_id=request_id))
         others: list[tuple[str, list[SampledSequence]]] = []
         try:
             while True:

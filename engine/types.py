@@ -1,6 +1,13 @@
-"""Plain data types of the engine core, named after the Tinker API's vocabulary.
+"""The engine's vocabulary: every type the nine verbs take and return, named as in the Tinker API.
 
-These are the in-process shapes; ``hotlora.schemas`` maps the wire messages onto them.
+One word means one thing at every layer: ``Engine.submit`` (in process) and ``HotLoraClient.submit``
+(over Kafka) take these requests and resolve to these results, the runner and the samplers work on
+them, and the Kafka edge (``engine.kafka.convert``) maps the wire messages onto exactly these types.
+The constructors validate what a tenant could get wrong (``InvalidRequest``), so a bad request fails
+before it reaches the scheduler.
+
+Light on purpose: torch (for ``Datum``'s tensors) and the wire errors only, never the model code or
+transformers, so an agent imports the vocabulary without the engine.
 """
 
 from __future__ import annotations
@@ -8,11 +15,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import torch
 
 from hotlora.schemas.errors import InvalidRequest
+from hotlora.schemas.messages import new_request_id
 
 LossName = Literal["cross_entropy", "importance_sampling", "ppo", "cispo"]
 LOSS_NAMES: tuple[str, ...] = ("cross_entropy", "importance_sampling", "ppo", "cispo")
@@ -30,9 +39,17 @@ MAX_LORA_RANK = 1024
 MAX_TARGET_MODULES = 256
 
 
+def is_int(value: object) -> bool:
+    """An int that is not a bool: what every integer knob from the wire must be."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _is_real(value: object) -> bool:
     """A finite int or float (not a bool): what every numeric knob from the wire must be."""
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# ----- settings -----
 
 
 @dataclass(frozen=True)
@@ -107,6 +124,46 @@ class AdamParams:
             raise InvalidRequest(f"grad_clip_norm must be >= 0 (0 disables), got {self.grad_clip_norm!r}")
 
 
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request samples. ``temperature=0`` is greedy; EOS always stops a sequence."""
+
+    max_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    stop: tuple[str | int, ...] = ()  # stop strings or stop token ids
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not is_int(self.max_tokens) or self.max_tokens < 1:
+            raise InvalidRequest(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        temperature = self.temperature
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+            raise InvalidRequest(f"temperature must be a number, got {temperature!r}")
+        if not (math.isfinite(temperature) and temperature >= 0):
+            raise InvalidRequest(f"temperature must be finite and >= 0 (0 = greedy), got {temperature!r}")
+        top_p = self.top_p
+        if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0:
+            raise InvalidRequest(f"top_p must lie in (0, 1], got {top_p!r}")
+        if not is_int(self.top_k) or self.top_k < 0:
+            raise InvalidRequest(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        stop = (self.stop,) if isinstance(self.stop, (str, int)) else self.stop
+        if not isinstance(stop, (tuple, list)):
+            raise InvalidRequest(f"stop must be a tuple of strings or token ids, got {self.stop!r}")
+        for item in stop:
+            if isinstance(item, str) and not item:
+                raise InvalidRequest("stop strings must be non-empty")
+            if not isinstance(item, str) and not (is_int(item) and item >= 0):
+                raise InvalidRequest(f"stop entries must be non-empty strings or token ids >= 0, got {item!r}")
+        object.__setattr__(self, "stop", tuple(stop))  # frozen: keep it hashable
+        if self.seed is not None and not is_int(self.seed):
+            raise InvalidRequest(f"seed must be an integer or None, got {self.seed!r}")
+
+
+# ----- data -----
+
+
 def _as_tensor(values: Sequence[float] | torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if isinstance(values, torch.Tensor):
         return values.detach().to(dtype=dtype, device="cpu").reshape(-1)
@@ -177,20 +234,141 @@ class Datum:
                 raise InvalidRequest(f"datum {name} must be finite (no NaN or inf)")
 
 
+# ----- requests: one per verb; ``Request`` is their union -----
+
+
 @dataclass
-class ForwardBackwardCall:
-    """One adapter's ``forward_backward`` request: datums, a loss and its settings."""
+class CreateAdapter:
+    """-> ``AdapterInfo``"""
+
+    adapter_id: str
+    spec: LoraSpec = field(default_factory=LoraSpec)
+    weight: float = 1.0  # the adapter's share of tokens in the scheduler's deficit round robin
+    request_id: str = field(default_factory=new_request_id)
+
+
+@dataclass
+class DeleteAdapter:
+    """-> ``None``"""
+
+    adapter_id: str
+    request_id: str = field(default_factory=new_request_id)
+
+
+@dataclass
+class ListAdapters:
+    """-> ``list[AdapterInfo]``. ``adapter_id`` only routes: over Kafka the request then goes to the
+    engine that owns that adapter (several engines share the tenants), which lists its adapters."""
+
+    request_id: str = field(default_factory=new_request_id)
+    adapter_id: str = ""
+
+
+@dataclass
+class Sample:
+    """-> ``SampleOutput``: ``n`` sequences from one prompt. ``adapter_id=None`` samples the plain base.
+
+    The samplers take this request as it is; ``engine.sampler.validate_sample`` checks it against the
+    model (vocabulary, positions, rows) the same way for every backend.
+    """
+
+    adapter_id: str | None
+    prompt_tokens: list[int]
+    n: int = 1
+    params: SamplingParams = field(default_factory=SamplingParams)
+    request_id: str = field(default_factory=new_request_id)
+
+
+@dataclass
+class ForwardBackward:
+    """-> ``ForwardBackwardOutput``; gradients accumulate in the adapter until ``OptimStep``.
+
+    The runner takes a list of these (one per adapter and request) and runs them in shared micro-batches.
+    """
 
     adapter_id: str
     datums: list[Datum]
     loss_fn: str = "cross_entropy"
     loss_config: dict[str, float] = field(default_factory=dict)
+    request_id: str = field(default_factory=new_request_id)
 
     def __post_init__(self) -> None:
         if self.loss_fn not in LOSS_NAMES:
             raise InvalidRequest(f"unknown loss_fn {self.loss_fn!r}; use one of {list(LOSS_NAMES)}")
         if not self.datums:
             raise InvalidRequest("forward_backward needs at least one datum")
+
+
+@dataclass
+class OptimStep:
+    """-> ``OptimStepOutput`` (the adapter's new version)."""
+
+    adapter_id: str
+    params: AdamParams = field(default_factory=AdamParams)
+    request_id: str = field(default_factory=new_request_id)
+    # Also return a copy of the adapter's whole training state as of this step (``OptimStepOutput.state``),
+    # taken in the same engine step: what the service's durable snapshot writes, off the model thread.
+    capture_state: bool = False
+
+
+@dataclass
+class SaveState:
+    """-> ``SaveOutput``. ``include_optimizer=False`` writes sampler weights only (PEFT files)."""
+
+    adapter_id: str
+    path: str | Path
+    include_optimizer: bool = True
+    request_id: str = field(default_factory=new_request_id)
+
+
+@dataclass
+class LoadState:
+    """-> ``AdapterInfo``; creates or replaces ``adapter_id`` from a checkpoint directory."""
+
+    adapter_id: str
+    path: str | Path
+    request_id: str = field(default_factory=new_request_id)
+
+
+Request = CreateAdapter | DeleteAdapter | ListAdapters | Sample | ForwardBackward | OptimStep | SaveState | LoadState
+
+
+# ----- results -----
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    adapter_id: str
+    slot: int | None  # None while offloaded
+    resident: bool
+    rank: int
+    alpha: float
+    targets: tuple[str, ...]
+    version: int
+    num_parameters: int
+    seq: int = 0  # the last request seq the engine service accepted for it (0 in process)
+
+
+@dataclass
+class SampledSequence:
+    """One generated sequence: its tokens (with the stop token that ended it) and raw logprobs."""
+
+    tokens: list[int]
+    logprobs: list[float]
+    stop_reason: str  # "stop" | "length"
+    adapter_version: int
+
+
+@dataclass
+class SampleOutput:
+    sequences: list[SampledSequence]
+    adapter_version: int
+
+
+@dataclass
+class SaveOutput:
+    path: str
+    version: int
 
 
 @dataclass

@@ -30,8 +30,8 @@ import structlog
 import torch
 
 from hotlora.engine.lora_versions import LoraVersion, VersionTable
-from hotlora.engine.requests import SampleOutput
-from hotlora.engine.sampler import SampledSequence, SampleRequest, validate_sample
+from hotlora.engine.sampler import validate_sample
+from hotlora.engine.types import Sample, SampledSequence, SampleOutput
 from hotlora.schemas.errors import InvalidRequest, RolloutError, UnknownAdapter
 
 log = structlog.get_logger("hotlora.vllm")
@@ -245,7 +245,7 @@ class VllmSampler:
 
     # ----- sampling -----
 
-    def validate(self, request: SampleRequest) -> list[int]:
+    def validate(self, request: Sample) -> list[int]:
         """Raise ``InvalidRequest``/``UnknownAdapter`` exactly as the native sampler would."""
         prompt = validate_sample(request, self.vocab_size, self.max_positions, self.max_rows)
         adapter_id = request.adapter_id
@@ -258,7 +258,7 @@ class VllmSampler:
             raise UnknownAdapter(f"adapter {adapter_id!r} does not exist")
         return prompt
 
-    async def generate(self, request: SampleRequest) -> SampleOutput:
+    async def generate(self, request: Sample) -> SampleOutput:
         """Sample ``request.n`` sequences under the adapter's current version."""
         from vllm import SamplingParams as VllmParams
         from vllm.exceptions import VLLMValidationError

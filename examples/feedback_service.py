@@ -29,8 +29,7 @@ from typing import Any
 from aiohttp import web
 
 from hotlora.agents import HotLoraClient
-from hotlora.engine.sampler import SamplingParams
-from hotlora.engine.types import AdamParams, Datum, LoraSpec
+from hotlora.engine.types import AdamParams, Datum, LoraSpec, SamplingParams
 from hotlora.schemas.errors import AdapterExists, HotLoraError, InvalidRequest
 
 # FeedbackConfig field -> (flag help, environment variable)

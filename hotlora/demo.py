@@ -280,7 +280,7 @@ def main(
 ) -> int:
     from hotlora.agents.experiments import experiment_configs
     from hotlora.agents.tasks import TASKS
-    from hotlora.engine.core import run
+    from hotlora.engine.event_loop import run
     from hotlora.models.model_init import rl_base_model
 
     if experiments < 1 or steps < 1:

@@ -14,10 +14,17 @@ import torch
 
 from hotlora.agents import ClientClosed, HotLoraClient, RequestTimeout
 from hotlora.engine.kafka.broker import EmbeddedBroker
-from hotlora.engine.requests import SampleOutput, SaveOutput
-from hotlora.engine.runner import AdapterInfo
-from hotlora.engine.sampler import SamplingParams
-from hotlora.engine.types import AdamParams, Datum, ForwardBackwardOutput, LoraSpec, OptimStepOutput
+from hotlora.engine.types import (
+    AdamParams,
+    AdapterInfo,
+    Datum,
+    ForwardBackwardOutput,
+    LoraSpec,
+    OptimStepOutput,
+    SampleOutput,
+    SamplingParams,
+    SaveOutput,
+)
 from hotlora.schemas import CheckpointEvent, Error, RequestMessage, ResultMessage, Sample, Topics, unpack_i32
 from hotlora.schemas.errors import HotLoraError, UnknownAdapter
 from tests.helpers import running_engine_service, service_config_for_tests

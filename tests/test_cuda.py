@@ -23,8 +23,8 @@ import torch
 from hotlora.agents.grpo import logprob_mismatch, rl_datum
 from hotlora.engine.core import Engine, EngineConfig
 from hotlora.engine.runner import ModelRunner, RunnerConfig
-from hotlora.engine.sampler import NativeSampler, SampleRequest, SamplingParams
-from hotlora.engine.types import AdamParams, ForwardBackwardCall, LoraSpec
+from hotlora.engine.sampler import NativeSampler
+from hotlora.engine.types import AdamParams, ForwardBackward, LoraSpec, Sample, SamplingParams
 from tests.helpers import accelerator, grads, max_rel_error, perturb_b, random_datum
 
 pytestmark = pytest.mark.cuda
@@ -66,11 +66,11 @@ def adapters(runner: ModelRunner, k: int) -> list[str]:
     return ids
 
 
-def calls_for(runner: ModelRunner, ids: list[str]) -> list[ForwardBackwardCall]:
+def calls_for(runner: ModelRunner, ids: list[str]) -> list[ForwardBackward]:
     gen = torch.Generator().manual_seed(7)
     vocab = runner.base.vocab_size
     return [
-        ForwardBackwardCall(
+        ForwardBackward(
             adapter_id,
             [random_datum(gen, vocab, int(torch.randint(8, 40, (1,), generator=gen)), rl=True) for _ in range(3)],
             ("importance_sampling", "ppo", "cross_entropy", "cispo")[i % 4],
@@ -161,7 +161,7 @@ def test_mixed_sampling_equals_solo_in_fp32(
     pending = {}
     for (a, i, kind), _ in solo.items():
         rid = f"{a}-{i}-{kind}"
-        sampler.add(SampleRequest(rid, a, prompts[i], 2, greedy if kind == "greedy" else seeded))
+        sampler.add(Sample(a, prompts[i], 2, greedy if kind == "greedy" else seeded, request_id=rid))
         pending[rid] = (a, i, kind)
     got = {}
     while sampler.has_unfinished():

@@ -26,7 +26,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from hotlora.engine.base_model import BaseModel, prepare_device
 from hotlora.engine.runner import ModelRunner, RunnerConfig
-from hotlora.engine.types import ForwardBackwardCall, LoraSpec
+from hotlora.engine.types import ForwardBackward, LoraSpec
 from tests.helpers import random_datum
 
 META = torch.device("meta")
@@ -79,7 +79,7 @@ def meta_runner(dtype: torch.dtype, backend: str, gradient_checkpointing: bool =
     return ModelRunner(base, settings)
 
 
-def mixed_calls(runner: ModelRunner, count: int) -> list[ForwardBackwardCall]:
+def mixed_calls(runner: ModelRunner, count: int) -> list[ForwardBackward]:
     gen = torch.Generator().manual_seed(0)
     losses = ["cross_entropy", "ppo", "importance_sampling", "cispo"]
     calls = []
@@ -87,11 +87,11 @@ def mixed_calls(runner: ModelRunner, count: int) -> list[ForwardBackwardCall]:
         # ranks 4 and 12 are not 16-byte multiples in bf16: the grouped path must pad them
         runner.create_adapter(f"a{i}", LoraSpec(rank=[4, 12, 8][i % 3], seed=i, targets="all-linear"))
         datums = [random_datum(gen, VOCAB, n, rl=True) for n in (9, 5, 7)[: 2 + i % 2]]
-        calls.append(ForwardBackwardCall(f"a{i}", datums, losses[i % len(losses)]))
+        calls.append(ForwardBackward(f"a{i}", datums, losses[i % len(losses)]))
     return calls
 
 
-def record_step(runner: ModelRunner, calls: list[ForwardBackwardCall]) -> DeviceRecorder:
+def record_step(runner: ModelRunner, calls: list[ForwardBackward]) -> DeviceRecorder:
     recorder = DeviceRecorder()
     with recorder:
         outputs = runner.forward_backward_many(calls)

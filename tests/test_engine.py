@@ -9,11 +9,9 @@ import pytest
 import torch
 
 from hotlora.engine.core import Engine, EngineConfig
-from hotlora.engine.requests import Sample
 from hotlora.engine.runner import ModelRunner, RunnerConfig
-from hotlora.engine.sampler import SamplingParams
 from hotlora.engine.scheduler import SchedulerPolicy
-from hotlora.engine.types import AdamParams, Datum, LoraSpec
+from hotlora.engine.types import AdamParams, Datum, LoraSpec, Sample, SamplingParams
 from hotlora.schemas.errors import HotLoraError, InvalidRequest, UnknownAdapter
 
 ADAPTERS = {f"exp-{i}": LoraSpec(rank=2 + 2 * i, targets=["all-linear", "attention"][i % 2], seed=i) for i in range(4)}

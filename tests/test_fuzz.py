@@ -354,7 +354,7 @@ def test_fuzzed_engine_survives_and_the_tenant_is_bit_identical(
     (losses_a, logprobs_a, weights_a), (losses_b, logprobs_b, weights_b) = clean, fuzzed
     assert losses_a == losses_b, (losses_a, losses_b)
     assert logprobs_a == logprobs_b
-    assert [unpack_f32(x).size for x in logprobs_a] == [9, 14, 6] * STEPS
+    assert [len(unpack_f32(x)) for x in logprobs_a] == [9, 14, 6] * STEPS
     assert weights_a.keys() == weights_b.keys() and len(weights_a) > 0
     for key in weights_a:
         assert torch.equal(weights_a[key], weights_b[key]), key

@@ -26,9 +26,7 @@ from hotlora.engine.kafka.convert import ERROR_CODES, error_to_exception, from_e
 from hotlora.engine.kafka.ownership import Forbidden, Owner, OwnerRegistry, OwnershipGate
 from hotlora.engine.kafka.security import KafkaSecurity, kafka_kwargs
 from hotlora.engine.kafka.service_config import from_sources
-from hotlora.engine.runner import AdapterInfo
-from hotlora.engine.sampler import SamplingParams
-from hotlora.engine.types import AdamParams, Datum
+from hotlora.engine.types import AdamParams, AdapterInfo, Datum, SamplingParams
 from hotlora.schemas import messages as wire
 from hotlora.schemas.codec import decode, encode
 from tests.helpers import running_engine_service, service_config_for_tests

@@ -7,7 +7,8 @@ import torch
 
 from hotlora.engine.kv_cache import KVStore, StoreCache
 from hotlora.engine.runner import ModelRunner
-from hotlora.engine.sampler import NativeSampler, SampleRequest, SamplingParams
+from hotlora.engine.sampler import NativeSampler
+from hotlora.engine.types import Sample, SamplingParams
 from hotlora.schemas.errors import CapacityExceeded
 
 LAYERS, KV_HEADS, DIM = 2, 2, 4
@@ -131,8 +132,8 @@ def test_copy_rows_moves_only_the_given_columns() -> None:
 def test_the_store_is_not_reallocated_per_step_and_a_leaving_row_moves_one_row(runner: ModelRunner) -> None:
     sampler = NativeSampler(runner)
     kv = sampler._store
-    sampler.add(SampleRequest("short", None, [5, 6, 7], 1, SamplingParams(max_tokens=2, temperature=0.0)))
-    sampler.add(SampleRequest("long", None, [8, 9], 2, SamplingParams(max_tokens=40, temperature=0.0)))
+    sampler.add(Sample(None, [5, 6, 7], 1, SamplingParams(max_tokens=2, temperature=0.0), request_id="short"))
+    sampler.add(Sample(None, [8, 9], 2, SamplingParams(max_tokens=40, temperature=0.0), request_id="long"))
     sampler.step()
     assert [row.kv_row for row in sampler._rows] == [0, 1, 2]
     buffers: set[int] = set()
@@ -156,7 +157,7 @@ def test_a_kv_budget_makes_requests_wait_and_they_still_match_solo(runner: Model
     columns = len(prompts[0]) - 1 + GREEDY.max_tokens  # the widest request's rows
     sampler = NativeSampler(runner, max_kv_bytes=2 * columns * per_token)  # room for two rows at a time
     for i, prompt in enumerate(prompts):
-        sampler.add(SampleRequest(f"r{i}", None, prompt, 1, GREEDY))
+        sampler.add(Sample(None, prompt, 1, GREEDY, request_id=f"r{i}"))
     sampler.step()
     assert sampler.num_running_rows() == 2  # the third waits for KV memory, not for a row
     results: dict[str, list[list[int]]] = {}
@@ -164,4 +165,4 @@ def test_a_kv_budget_makes_requests_wait_and_they_still_match_solo(runner: Model
         results.update({rid: [s.tokens for s in seqs] for rid, seqs in sampler.step()})
     assert all(results[f"r{i}"] == [solo[i]] for i in solo)
     with pytest.raises(CapacityExceeded):
-        sampler.add(SampleRequest("huge", None, prompts[0], 3, GREEDY))  # could never fit, so it must not wait
+        sampler.add(Sample(None, prompts[0], 3, GREEDY, request_id="huge"))  # could never fit, so it must not wait

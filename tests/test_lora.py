@@ -9,7 +9,7 @@ from torch import nn
 from hotlora.engine.batching import pack_forward_backward
 from hotlora.engine.lora import LoraBatch, LoraContext, LoraPair, MultiLoRALinear, lora_batch
 from hotlora.engine.runner import ModelRunner
-from hotlora.engine.types import ForwardBackwardCall, LoraSpec
+from hotlora.engine.types import ForwardBackward, LoraSpec
 from tests.helpers import grads, max_rel_error, perturb_b, random_datum
 
 RANKS = [2, 4, 8, 16, 3, 5, 12, 1]
@@ -27,7 +27,7 @@ def make_adapters(runner: ModelRunner, k: int) -> list[str]:
     return ids
 
 
-def make_calls(runner: ModelRunner, ids: list[str], seed: int = 0) -> list[ForwardBackwardCall]:
+def make_calls(runner: ModelRunner, ids: list[str], seed: int = 0) -> list[ForwardBackward]:
     gen = torch.Generator().manual_seed(seed)
     calls = []
     for i, adapter_id in enumerate(ids):
@@ -38,7 +38,7 @@ def make_calls(runner: ModelRunner, ids: list[str], seed: int = 0) -> list[Forwa
             for _ in range(count)
         ]
         loss_fn = ["cross_entropy", "importance_sampling", "cross_entropy", "ppo", "cross_entropy", "cispo"][i % 6]
-        calls.append(ForwardBackwardCall(adapter_id, datums, loss_fn))
+        calls.append(ForwardBackward(adapter_id, datums, loss_fn))
     return calls
 
 

@@ -13,7 +13,7 @@ import torch
 
 from hotlora.engine import adapters as adapters_module
 from hotlora.engine.runner import ModelRunner, RunnerConfig
-from hotlora.engine.types import AdamParams, Datum, ForwardBackwardCall, LoraSpec
+from hotlora.engine.types import AdamParams, Datum, ForwardBackward, LoraSpec
 from hotlora.schemas.errors import CapacityExceeded, InvalidRequest
 from tests.helpers import perturb_b
 
@@ -88,7 +88,7 @@ def drive(runner: ModelRunner, split_like: ModelRunner | None = None) -> list[li
     for rounds in STEPS:
         touched: list[str] = []
         for mix in rounds:
-            calls = [ForwardBackwardCall(IDS[i], make_datums(generator, 2)) for i in mix]
+            calls = [ForwardBackward(IDS[i], make_datums(generator, 2)) for i in mix]
             groups = split_like.resident_groups(calls) if split_like else [list(range(len(calls)))]
             outputs = [out for group in groups for out in runner.forward_backward_many([calls[i] for i in group])]
             losses.extend(out.losses for out in outputs)
@@ -168,7 +168,7 @@ def test_identity_kept_across_offload(tiny_model_path: Path, copying_transfer: N
 
 def test_groups_split_packs_to_fit_the_slots(tiny_model_path: Path) -> None:
     runner = make_runner(tiny_model_path, "cpu", resident_slots=2)
-    calls = [ForwardBackwardCall(IDS[i], make_datums(torch.Generator().manual_seed(i), 1)) for i in (0, 1, 0, 2, 3)]
+    calls = [ForwardBackward(IDS[i], make_datums(torch.Generator().manual_seed(i), 1)) for i in (0, 1, 0, 2, 3)]
     assert runner.resident_groups(calls) == [[0, 1, 2], [3, 4]]
     runner.adapters.pin("a4")
     assert runner.resident_groups(calls) == [[0], [1], [2], [3], [4]]
@@ -239,7 +239,8 @@ def test_lifecycle_with_offloaded_adapters(tiny_model_path: Path, tmp_path: Path
 
 def test_sampling_with_two_slots_matches_all_resident(tiny_model_path: Path, copying_transfer: None) -> None:
     """Five adapters' samples through a 2-slot runner: the sampler pins admitted adapters, the rest wait."""
-    from hotlora.engine.sampler import NativeSampler, SampleRequest, SamplingParams
+    from hotlora.engine.sampler import NativeSampler
+    from hotlora.engine.types import Sample, SamplingParams
 
     reference = make_runner(tiny_model_path, "cpu", resident_slots=None)
     offloading = make_runner(tiny_model_path, "cpu", resident_slots=2)
@@ -253,7 +254,7 @@ def test_sampling_with_two_slots_matches_all_resident(tiny_model_path: Path, cop
         sampler = NativeSampler(runner, max_rows=32)
         for i, adapter_id in enumerate(IDS * 2):
             params = SamplingParams(max_tokens=8, temperature=1.5 if i % 2 else 0.0, seed=i)
-            sampler.add(SampleRequest(f"r{i}", adapter_id, [1, 5 + i, 9, 12], n=2, params=params))
+            sampler.add(Sample(adapter_id, [1, 5 + i, 9, 12], n=2, params=params, request_id=f"r{i}"))
         done: dict[str, list] = {}
         for _ in range(200):
             if name == "off":

@@ -18,8 +18,7 @@ from safetensors.torch import load_file
 from hotlora.agents import HotLoraClient
 from hotlora.engine.kafka.broker import EmbeddedBroker
 from hotlora.engine.kafka.service import EngineService
-from hotlora.engine.sampler import SamplingParams
-from hotlora.engine.types import AdamParams, Datum, LoraSpec
+from hotlora.engine.types import AdamParams, Datum, LoraSpec, SamplingParams
 from hotlora.schemas.topics import Topics
 from tests.helpers import running_engine_service, service_config_for_tests, start_engine_service
 

@@ -24,8 +24,7 @@ from hotlora import cli
 from hotlora.agents import HotLoraClient
 from hotlora.engine.kafka.admin import create_topics
 from hotlora.engine.kafka.broker import EmbeddedBroker
-from hotlora.engine.sampler import SamplingParams
-from hotlora.engine.types import AdamParams, Datum
+from hotlora.engine.types import AdamParams, Datum, SamplingParams
 from hotlora.replay.diff import diff_files
 from hotlora.replay.format import FORMAT_NAME, Header, HlrError, HlrWriter, Record, iter_records, read_file, read_header
 from hotlora.replay.messages import read_contents

@@ -9,7 +9,7 @@ import torch
 
 from hotlora.engine.batching import MicroBatch
 from hotlora.engine.runner import ModelRunner, RunnerConfig
-from hotlora.engine.types import ForwardBackwardCall, LoraSpec
+from hotlora.engine.types import ForwardBackward, LoraSpec
 from tests.helpers import max_rel_error, perturb_b, random_datum
 
 LOSSES = ["cross_entropy", "ppo", "importance_sampling", "cispo"]
@@ -29,11 +29,11 @@ def add_adapters(runner: ModelRunner, count: int) -> list[str]:
     return ids
 
 
-def make_calls(runner: ModelRunner, ids: list[str], seed: int) -> list[ForwardBackwardCall]:
+def make_calls(runner: ModelRunner, ids: list[str], seed: int) -> list[ForwardBackward]:
     gen = torch.Generator().manual_seed(seed)
     vocab = runner.base.vocab_size
     return [
-        ForwardBackwardCall(
+        ForwardBackward(
             adapter_id, [random_datum(gen, vocab, n, rl=True) for n in (12, 7, 9)[: 2 + i % 2]], LOSSES[i % 4]
         )
         for i, adapter_id in enumerate(ids)
@@ -94,7 +94,7 @@ def test_checkpointing_leaves_decoding_alone(tiny_model_path: Path) -> None:
     assert out.past_key_values.get_seq_length() == prompt.shape[1]
 
 
-def count_micro_batches(path: Path, calls: list[ForwardBackwardCall], **config: object) -> int:
+def count_micro_batches(path: Path, calls: list[ForwardBackward], **config: object) -> int:
     """How many micro-batches ``calls`` take, counted on a separate runner of the same configuration."""
     runner = make_runner(path, **config)
     add_adapters(runner, len({call.adapter_id for call in calls}))
@@ -157,7 +157,7 @@ def test_a_step_adds_to_earlier_gradients(tiny_model_path: Path) -> None:
     two_steps = grad_state(runner)
     set_grads(runner, {a: [None] * len(g) for a, g in two_steps.items()})
     merged = [
-        ForwardBackwardCall(a.adapter_id, [*a.datums, *b.datums], a.loss_fn) for a, b in zip(first, second, strict=True)
+        ForwardBackward(a.adapter_id, [*a.datums, *b.datums], a.loss_fn) for a, b in zip(first, second, strict=True)
     ]
     runner.forward_backward_many(merged)
     for adapter_id, grads in grad_state(runner).items():

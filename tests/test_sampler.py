@@ -13,8 +13,8 @@ import torch
 from transformers import Cache
 
 from hotlora.engine.runner import ModelRunner
-from hotlora.engine.sampler import NativeSampler, SampledSequence, SampleRequest, SamplingParams
-from hotlora.engine.types import AdamParams, Datum, LoraSpec
+from hotlora.engine.sampler import NativeSampler
+from hotlora.engine.types import AdamParams, Datum, LoraSpec, Sample, SampledSequence, SamplingParams
 from hotlora.schemas.errors import InvalidRequest, UnknownAdapter
 
 SPECS = {
@@ -72,7 +72,7 @@ def test_mixed_batch_matches_solo(adapters: ModelRunner) -> None:
     sampler = NativeSampler(runner)
     for a in reversed(ADAPTERS):  # added out of slot order: the sampler must group rows itself
         for j, prompt in enumerate(PROMPTS):
-            sampler.add(SampleRequest(f"{a}-{j}", a, prompt, 2, GREEDY))
+            sampler.add(Sample(a, prompt, 2, GREEDY, request_id=f"{a}-{j}"))
     results = run_to_completion(sampler)
     for a in ADAPTERS:
         for j in range(len(PROMPTS)):
@@ -88,7 +88,7 @@ def test_one_forward_per_decode_step_with_one_run_per_adapter(adapters: ModelRun
     runner = adapters
     sampler = NativeSampler(runner)
     for k in range(8):
-        sampler.add(SampleRequest(f"r{k}", ADAPTERS[k % 4], PROMPTS[k % 4], 1, GREEDY))
+        sampler.add(Sample(ADAPTERS[k % 4], PROMPTS[k % 4], 1, GREEDY, request_id=f"r{k}"))
     sampler.step()  # admission: prefills plus the first decode
     assert sampler.num_running_rows() == 8
     runs: list[int] = []
@@ -105,7 +105,7 @@ def test_admitting_many_requests_prefills_them_in_one_forward(adapters: ModelRun
     runner = adapters
     sampler = NativeSampler(runner)
     for k in range(8):  # four adapters (and prompt lengths) mixed
-        sampler.add(SampleRequest(f"r{k}", ADAPTERS[k % 4], PROMPTS[k % 4], 2, GREEDY))
+        sampler.add(Sample(ADAPTERS[k % 4], PROMPTS[k % 4], 2, GREEDY, request_id=f"r{k}"))
     shapes: list[tuple[int, ...]] = []
     hook = runner.model.register_forward_pre_hook(
         lambda _m, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
@@ -123,13 +123,13 @@ def test_admitting_many_requests_prefills_them_in_one_forward(adapters: ModelRun
 def test_request_joining_mid_decode_matches_solo(adapters: ModelRunner) -> None:
     runner = adapters
     early = [
-        SampleRequest("early-0", "a-all", PROMPTS[1], 1, SamplingParams(max_tokens=3, temperature=0.0)),
-        SampleRequest("early-1", "a-attn", PROMPTS[0], 2, GREEDY),
-        SampleRequest("early-2", None, PROMPTS[2], 1, SamplingParams(max_tokens=20, temperature=0.0)),
+        Sample("a-all", PROMPTS[1], 1, SamplingParams(max_tokens=3, temperature=0.0), request_id="early-0"),
+        Sample("a-attn", PROMPTS[0], 2, GREEDY, request_id="early-1"),
+        Sample(None, PROMPTS[2], 1, SamplingParams(max_tokens=20, temperature=0.0), request_id="early-2"),
     ]
     late = [
-        SampleRequest("late-long", "a-mlp", PROMPTS[3] * 3, 1, GREEDY),  # wider than the running cache
-        SampleRequest("late-short", "a-all", PROMPTS[2], 1, GREEDY),
+        Sample("a-mlp", PROMPTS[3] * 3, 1, GREEDY, request_id="late-long"),  # wider than the running cache
+        Sample("a-all", PROMPTS[2], 1, GREEDY, request_id="late-short"),
     ]
     sampler = NativeSampler(runner)
     for request in early:
@@ -161,12 +161,12 @@ def test_seeded_sampling_is_reproducible_and_independent_of_the_batch(adapters: 
 
     sampler = NativeSampler(runner)
     unseeded = SamplingParams(max_tokens=15, temperature=1.0, top_k=5)
-    sampler.add(SampleRequest("noise-0", "a-attn", PROMPTS[3], 3, unseeded))
-    sampler.add(SampleRequest("noise-1", None, PROMPTS[2], 2, unseeded))
-    sampler.add(SampleRequest("greedy", "a-mlp", PROMPTS[1], 2, GREEDY))
+    sampler.add(Sample("a-attn", PROMPTS[3], 3, unseeded, request_id="noise-0"))
+    sampler.add(Sample(None, PROMPTS[2], 2, unseeded, request_id="noise-1"))
+    sampler.add(Sample("a-mlp", PROMPTS[1], 2, GREEDY, request_id="greedy"))
     sampler.step()
-    sampler.add(SampleRequest("plain", "a-attn", PROMPTS[1], 2, plain))
-    sampler.add(SampleRequest("filtered", "a-all", prompt, 3, filtered))
+    sampler.add(Sample("a-attn", PROMPTS[1], 2, plain, request_id="plain"))
+    sampler.add(Sample("a-all", prompt, 3, filtered, request_id="filtered"))
     results = run_to_completion(sampler)
     for got, want in zip(results["filtered"] + results["plain"], alone + plain_alone, strict=True):
         assert_same(got, want)
@@ -178,10 +178,10 @@ def test_filters_at_their_limits_are_greedy(adapters: ModelRunner) -> None:
     greedy = solo(runner, "a-all", prompt, GREEDY).tokens
     sampler = NativeSampler(runner)
     # Mixed k in one batch: the top-1 row must stay greedy although its neighbours keep 50 candidates.
-    sampler.add(SampleRequest("k1", "a-all", prompt, 2, SamplingParams(max_tokens=12, top_k=1, seed=3)))
-    sampler.add(SampleRequest("k50", "a-all", prompt, 2, SamplingParams(max_tokens=12, top_k=50, seed=4)))
-    sampler.add(SampleRequest("p0", "a-all", prompt, 2, SamplingParams(max_tokens=12, top_p=1e-6, seed=5)))
-    sampler.add(SampleRequest("p1", "a-all", prompt, 2, SamplingParams(max_tokens=12, top_p=0.95, seed=6)))
+    sampler.add(Sample("a-all", prompt, 2, SamplingParams(max_tokens=12, top_k=1, seed=3), request_id="k1"))
+    sampler.add(Sample("a-all", prompt, 2, SamplingParams(max_tokens=12, top_k=50, seed=4), request_id="k50"))
+    sampler.add(Sample("a-all", prompt, 2, SamplingParams(max_tokens=12, top_p=1e-6, seed=5), request_id="p0"))
+    sampler.add(Sample("a-all", prompt, 2, SamplingParams(max_tokens=12, top_p=0.95, seed=6), request_id="p1"))
     results = run_to_completion(sampler)
     for request_id in ("k1", "p0"):
         assert [s.tokens for s in results[request_id]] == [greedy, greedy]
@@ -202,8 +202,8 @@ def test_unseeded_rows_draw_from_the_adapter_generator(adapters: ModelRunner) ->
 def test_retired_rows_free_their_cache_columns(adapters: ModelRunner) -> None:
     runner = adapters
     sampler = NativeSampler(runner)
-    sampler.add(SampleRequest("long", "a-all", PROMPTS[3] * 2, 1, SamplingParams(max_tokens=2, temperature=0.0)))
-    sampler.add(SampleRequest("short", "a-mlp", PROMPTS[2], 1, GREEDY))
+    sampler.add(Sample("a-all", PROMPTS[3] * 2, 1, SamplingParams(max_tokens=2, temperature=0.0), request_id="long"))
+    sampler.add(Sample("a-mlp", PROMPTS[2], 1, GREEDY, request_id="short"))
     widths: list[int] = []
 
     def record(_module: torch.nn.Module, _args: tuple[object, ...], kwargs: dict[str, object]) -> None:
@@ -293,9 +293,9 @@ def test_admission_abort_and_bookkeeping(adapters: ModelRunner) -> None:
     runner = adapters
     sampler = NativeSampler(runner, max_rows=4)
     long = SamplingParams(max_tokens=30, temperature=0.0)
-    sampler.add(SampleRequest("first", "a-all", PROMPTS[0], 3, long))
-    sampler.add(SampleRequest("second", "a-attn", PROMPTS[1], 3, long))  # does not fit beside "first"
-    sampler.add(SampleRequest("third", None, PROMPTS[2], 1, long))  # first come, first served: waits too
+    sampler.add(Sample("a-all", PROMPTS[0], 3, long, request_id="first"))
+    sampler.add(Sample("a-attn", PROMPTS[1], 3, long, request_id="second"))  # does not fit beside "first"
+    sampler.add(Sample(None, PROMPTS[2], 1, long, request_id="third"))  # first come, first served: waits too
     assert sampler.step() == []
     assert sampler.num_running_rows() == 3
     assert sampler.active_adapters() == {"a-all", "a-attn"}
@@ -315,9 +315,9 @@ def test_admission_abort_and_bookkeeping(adapters: ModelRunner) -> None:
 def test_deleting_an_adapter_fails_only_its_requests(adapters: ModelRunner) -> None:
     runner = adapters
     sampler = NativeSampler(runner, max_rows=2)
-    sampler.add(SampleRequest("running", "a-mlp", PROMPTS[2], 2, GREEDY))
-    sampler.add(SampleRequest("doomed", "a-mlp", PROMPTS[0], 2, GREEDY))  # waits: no free rows
-    sampler.add(SampleRequest("fine", "a-all", PROMPTS[1], 1, GREEDY))
+    sampler.add(Sample("a-mlp", PROMPTS[2], 2, GREEDY, request_id="running"))
+    sampler.add(Sample("a-mlp", PROMPTS[0], 2, GREEDY, request_id="doomed"))  # waits: no free rows
+    sampler.add(Sample("a-all", PROMPTS[1], 1, GREEDY, request_id="fine"))
     sampler.step()
     with pytest.raises(InvalidRequest, match="pinned"):
         runner.delete_adapter("a-mlp")  # admitted rows pin their adapter: it cannot vanish under them
@@ -359,23 +359,23 @@ def test_bad_requests_are_rejected_at_add(adapters: ModelRunner) -> None:
     sampler = NativeSampler(runner, max_rows=4)
     vocab, limit = runner.base.vocab_size, runner.base.max_positions
     with pytest.raises(UnknownAdapter):
-        sampler.add(SampleRequest("r", "missing", [5], 1, GREEDY))
+        sampler.add(Sample("missing", [5], 1, GREEDY, request_id="r"))
     bad = [
-        SampleRequest("r", "a-all", [], 1, GREEDY),
-        SampleRequest("r", "a-all", [5, vocab], 1, GREEDY),
-        SampleRequest("r", "a-all", [5, -1], 1, GREEDY),
-        SampleRequest("r", "a-all", [5, "x"], 1, GREEDY),  # type: ignore[list-item]
-        SampleRequest("r", "a-all", [5], 0, GREEDY),
-        SampleRequest("r", "a-all", [5], 5, GREEDY),  # more rows than the sampler has
-        SampleRequest("r", "a-all", [5] * (limit - 3), 1, SamplingParams(max_tokens=4)),
-        SampleRequest("r", "a-all", [5], 1, SamplingParams(stop=(vocab,))),
-        SampleRequest("", "a-all", [5], 1, GREEDY),
+        Sample("a-all", [], 1, GREEDY, request_id="r"),
+        Sample("a-all", [5, vocab], 1, GREEDY, request_id="r"),
+        Sample("a-all", [5, -1], 1, GREEDY, request_id="r"),
+        Sample("a-all", [5, "x"], 1, GREEDY, request_id="r"),  # type: ignore[list-item]
+        Sample("a-all", [5], 0, GREEDY, request_id="r"),
+        Sample("a-all", [5], 5, GREEDY, request_id="r"),  # more rows than the sampler has
+        Sample("a-all", [5] * (limit - 3), 1, SamplingParams(max_tokens=4), request_id="r"),
+        Sample("a-all", [5], 1, SamplingParams(stop=(vocab,)), request_id="r"),
+        Sample("a-all", [5], 1, GREEDY, request_id=""),
     ]
     for request in bad:
         with pytest.raises(InvalidRequest):
             sampler.add(request)
-    sampler.add(SampleRequest("r", "a-all", [5] * (limit - 4), 1, SamplingParams(max_tokens=4)))
+    sampler.add(Sample("a-all", [5] * (limit - 4), 1, SamplingParams(max_tokens=4), request_id="r"))
     with pytest.raises(InvalidRequest):
-        sampler.add(SampleRequest("r", "a-all", [5], 1, GREEDY))  # duplicate id while unfinished
+        sampler.add(Sample("a-all", [5], 1, GREEDY, request_id="r"))  # duplicate id while unfinished
     assert not sampler.step()  # the valid request runs; nothing bad reached the batch
     assert sampler.num_running_rows() == 1

@@ -47,8 +47,7 @@ from hotlora.engine.kafka.durability import DurableStore
 from hotlora.engine.kafka.placement import CoPartitionAssignor, balance, partition_for
 from hotlora.engine.kafka.sequencing import Sequencer, advance_point
 from hotlora.engine.kafka.service import EngineService
-from hotlora.engine.sampler import SamplingParams
-from hotlora.engine.types import LoraSpec
+from hotlora.engine.types import LoraSpec, SamplingParams
 from hotlora.schemas import Heartbeat, Metrics, Topics
 from hotlora.status import fold, owners
 from tests.helpers import service_config_for_tests, start_engine_service

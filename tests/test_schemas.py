@@ -18,7 +18,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hotlora.engine import requests as eng
+from hotlora.engine import types as eng
 from hotlora.engine.kafka.convert import (
     ERROR_CODES,
     error_to_exception,
@@ -27,10 +27,9 @@ from hotlora.engine.kafka.convert import (
     to_engine,
     to_wire,
 )
-from hotlora.engine.runner import AdapterInfo as EngineAdapterInfo
-from hotlora.engine.sampler import SampledSequence as EngineSampledSequence
-from hotlora.engine.sampler import SamplingParams
-from hotlora.engine.types import AdamParams, Datum, ForwardBackwardOutput, LoraSpec, OptimStepOutput
+from hotlora.engine.types import AdamParams, Datum, ForwardBackwardOutput, LoraSpec, OptimStepOutput, SamplingParams
+from hotlora.engine.types import AdapterInfo as EngineAdapterInfo
+from hotlora.engine.types import SampledSequence as EngineSampledSequence
 from hotlora.schemas import (
     MESSAGE_TYPES,
     REQUEST_TYPES,

@@ -15,7 +15,7 @@ from hotlora.engine.batching import MicroBatch, collate, pack_forward_backward
 from hotlora.engine.lora import lora_batch
 from hotlora.engine.losses import compute_loss, target_logprobs
 from hotlora.engine.runner import ModelRunner
-from hotlora.engine.types import ForwardBackwardCall, LoraSpec
+from hotlora.engine.types import ForwardBackward, LoraSpec
 from tests.helpers import grads, max_rel_error, perturb_b, random_datum
 
 
@@ -64,7 +64,7 @@ def test_a_trainable_head_is_refused() -> None:
 
 
 def old_micro_batch(
-    runner: ModelRunner, batch: MicroBatch, calls: Sequence[ForwardBackwardCall]
+    runner: ModelRunner, batch: MicroBatch, calls: Sequence[ForwardBackward]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``ModelRunner.run_micro_batch`` before chunking: full logits of every position, padding included."""
     tensors = collate(batch, calls, runner.device)
@@ -93,7 +93,7 @@ def test_micro_batch_equals_the_full_logits_path(
         runner.create_adapter(f"a{i}", LoraSpec(rank=4 + i, alpha=8.0, seed=i))
         perturb_b(runner, f"a{i}", seed=10 + i)
         datums = [random_datum(gen, vocab, length, rl=True) for length in (11, 4, 17)[: 2 + i % 2]]
-        calls.append(ForwardBackwardCall(f"a{i}", datums, loss_fn))
+        calls.append(ForwardBackward(f"a{i}", datums, loss_fn))
     slots = {call.adapter_id: runner.adapters.get(call.adapter_id).slot for call in calls}
     (batch,) = pack_forward_backward(calls, slots, runner.config.token_budget)
 

@@ -17,7 +17,7 @@ from hotlora.engine import lora as lora_module
 from hotlora.engine.lora import LoraContext, LoraPair, MultiLoRALinear, lora_batch
 from hotlora.engine.losses import target_logprobs
 from hotlora.engine.runner import ModelRunner, RunnerConfig
-from hotlora.engine.types import ForwardBackwardCall, LoraSpec
+from hotlora.engine.types import ForwardBackward, LoraSpec
 from tests.helpers import accelerator, grads, max_rel_error, perturb_b, random_datum
 
 pytestmark = pytest.mark.cuda
@@ -77,7 +77,7 @@ def test_auto_takes_the_grouped_kernel_in_training(
         runner.create_adapter(f"g{i}", LoraSpec(rank=(4, 12, 8)[i], targets="all-linear", seed=i))
         perturb_b(runner, f"g{i}", seed=i)
         datums = [random_datum(gen, runner.base.vocab_size, 120, rl=True) for _ in range(2)]
-        calls.append(ForwardBackwardCall(f"g{i}", datums, "ppo"))
+        calls.append(ForwardBackward(f"g{i}", datums, "ppo"))
     outputs = runner.forward_backward_many(calls)
     assert all(not isinstance(out, Exception) for out in outputs), outputs
     assert (len(taken) > 0) == lora_module.grouped_mm_fast(

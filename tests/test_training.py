@@ -7,7 +7,7 @@ import torch
 
 from hotlora.engine.batching import pack_forward_backward
 from hotlora.engine.runner import ModelRunner
-from hotlora.engine.types import AdamParams, Datum, ForwardBackwardCall, LoraSpec
+from hotlora.engine.types import AdamParams, Datum, ForwardBackward, LoraSpec
 from hotlora.models.sft_demo import PROMPT, TARGETS, train_two_adapters
 from hotlora.schemas.errors import AdapterExists, InvalidRequest, UnknownAdapter
 from tests.helpers import max_rel_error, perturb_b, random_datum
@@ -32,7 +32,7 @@ def test_optim_step_on_one_adapter_leaves_the_others_bit_identical(runner: Model
     vocab = runner.base.vocab_size
 
     def all_fb() -> None:
-        calls = [ForwardBackwardCall(a, [random_datum(gen, vocab, 12)]) for a in ids]
+        calls = [ForwardBackward(a, [random_datum(gen, vocab, 12)]) for a in ids]
         assert all(not isinstance(r, Exception) for r in runner.forward_backward_many(calls))
 
     all_fb()
@@ -54,9 +54,7 @@ def test_optim_step_on_one_adapter_leaves_the_others_bit_identical(runner: Model
 def test_packing_respects_the_token_budget_and_keeps_every_row() -> None:
     gen = torch.Generator().manual_seed(0)
     calls = [
-        ForwardBackwardCall(
-            f"a{i}", [random_datum(gen, 100, int(n)) for n in torch.randint(3, 40, (5,), generator=gen)]
-        )
+        ForwardBackward(f"a{i}", [random_datum(gen, 100, int(n)) for n in torch.randint(3, 40, (5,), generator=gen)])
         for i in range(4)
     ]
     slots = {f"a{i}": 3 - i for i in range(4)}
@@ -72,9 +70,7 @@ def test_packing_respects_the_token_budget_and_keeps_every_row() -> None:
 
 def test_oversized_datum_runs_alone() -> None:
     gen = torch.Generator().manual_seed(0)
-    calls = [
-        ForwardBackwardCall("a", [random_datum(gen, 50, 10), random_datum(gen, 50, 300), random_datum(gen, 50, 10)])
-    ]
+    calls = [ForwardBackward("a", [random_datum(gen, 50, 10), random_datum(gen, 50, 300), random_datum(gen, 50, 10)])]
     batches = pack_forward_backward(calls, {"a": 0}, token_budget=64)
     assert [len(b.rows) for b in batches] == [1, 1, 1]
 
@@ -100,13 +96,13 @@ def test_a_bad_call_fails_alone(runner: ModelRunner) -> None:
     runner.create_adapter("good", LoraSpec(rank=2))
     gen = torch.Generator().manual_seed(0)
     vocab = runner.base.vocab_size
-    good = ForwardBackwardCall("good", [random_datum(gen, vocab, 8)])
+    good = ForwardBackward("good", [random_datum(gen, vocab, 8)])
     outputs = runner.forward_backward_many(
         [
-            ForwardBackwardCall("missing", [random_datum(gen, vocab, 8)]),
+            ForwardBackward("missing", [random_datum(gen, vocab, 8)]),
             good,
-            ForwardBackwardCall("good", [Datum.create([1, vocab + 5], [2, 3])]),
-            ForwardBackwardCall("good", [random_datum(gen, vocab, 8)], "ppo"),
+            ForwardBackward("good", [Datum.create([1, vocab + 5], [2, 3])]),
+            ForwardBackward("good", [random_datum(gen, vocab, 8)], "ppo"),
         ]
     )
     assert isinstance(outputs[0], UnknownAdapter)

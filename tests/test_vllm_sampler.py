@@ -25,8 +25,7 @@ import torch
 
 from hotlora.engine.core import Engine, EngineConfig
 from hotlora.engine.lora_versions import VersionTable
-from hotlora.engine.sampler import SamplingParams
-from hotlora.engine.types import AdamParams, Datum, LoraSpec
+from hotlora.engine.types import AdamParams, Datum, LoraSpec, SamplingParams
 from hotlora.engine.vllm_sampler import VllmSettings
 from hotlora.models.tiny_model import TinyModelRecipe, ensure_tiny_model
 from hotlora.schemas.errors import InvalidRequest, RolloutError, UnknownAdapter

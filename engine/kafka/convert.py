@@ -1,23 +1,22 @@
 """Wire messages <-> the engine's in-process types, so one verb means the same thing on both sides.
 
-This is the only schemas module that imports the engine (and so torch); the codec stays importable by
-a torch-free agent. Semantic validation happens in the engine's own constructors (``LoraSpec``,
-``SamplingParams``, ``Datum.create``...), which raise ``InvalidRequest``; this module only reshapes.
+It lives in the Kafka edge, the one layer that knows both sides: ``hotlora.schemas`` stays free of the
+engine and of torch, and the engine core never sees a wire message. Semantic validation happens in the
+engine's own constructors (``LoraSpec``, ``SamplingParams``, ``Datum.create``...), which raise
+``InvalidRequest``; this module only reshapes.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 
-from hotlora.engine import requests as eng
-from hotlora.engine.runner import AdapterInfo as EngineAdapterInfo
-from hotlora.engine.sampler import SampledSequence as EngineSampledSequence
-from hotlora.engine.sampler import SamplingParams
-from hotlora.engine.types import AdamParams, ForwardBackwardOutput, LoraSpec, OptimStepOutput
+from hotlora.engine import types as eng
+from hotlora.engine.types import AdamParams, ForwardBackwardOutput, LoraSpec, OptimStepOutput, SamplingParams
+from hotlora.engine.types import AdapterInfo as EngineAdapterInfo
 from hotlora.engine.types import Datum as EngineDatum
+from hotlora.engine.types import SampledSequence as EngineSampledSequence
 from hotlora.schemas import messages as wire
 from hotlora.schemas.arrays import pack_f32, pack_i32, unpack_f32, unpack_i32
 from hotlora.schemas.errors import ERROR_CODES, HotLoraError, InternalError, InvalidRequest
@@ -162,11 +161,11 @@ def to_wire(
 
 def _datum_to_engine(datum: wire.Datum) -> EngineDatum:
     def floats(data: bytes | None) -> torch.Tensor | None:
-        return None if data is None else torch.from_numpy(unpack_f32(data))
+        return None if data is None else _floats(data)
 
     return EngineDatum.create(
-        torch.from_numpy(unpack_i32(datum.input_tokens)),
-        torch.from_numpy(unpack_i32(datum.target_tokens)),
+        _ints(datum.input_tokens),
+        _ints(datum.target_tokens),
         floats(datum.weights),
         floats(datum.logprobs),
         floats(datum.advantages),
@@ -175,19 +174,31 @@ def _datum_to_engine(datum: wire.Datum) -> EngineDatum:
 
 def _datum_to_wire(datum: EngineDatum) -> wire.Datum:
     def floats(tensor: torch.Tensor | None) -> bytes | None:
-        return None if tensor is None else pack_f32(_numpy(tensor))
+        return None if tensor is None else pack_f32(_flat(tensor))
 
     return wire.Datum(
-        input_tokens=pack_i32(_numpy(datum.input_tokens)),
-        target_tokens=pack_i32(_numpy(datum.target_tokens)),
+        input_tokens=pack_i32(_flat(datum.input_tokens)),
+        target_tokens=pack_i32(_flat(datum.target_tokens)),
         weights=floats(datum.weights),
         logprobs=floats(datum.logprobs),
         advantages=floats(datum.advantages),
     )
 
 
-def _numpy(tensor: torch.Tensor) -> np.ndarray:
-    return tensor.detach().to("cpu").reshape(-1).numpy()
+def _flat(tensor: torch.Tensor) -> list[Any]:
+    return tensor.detach().to("cpu").reshape(-1).tolist()
+
+
+def _ints(data: bytes) -> torch.Tensor:
+    """A packed int32 array as an int64 tensor (what torch token tensors use)."""
+    values = unpack_i32(data)
+    return torch.frombuffer(values, dtype=torch.int32).to(torch.int64) if values else torch.zeros(0, dtype=torch.int64)
+
+
+def _floats(data: bytes) -> torch.Tensor:
+    """A packed float32 array as a float32 tensor of its own (not a view of the message's bytes)."""
+    values = unpack_f32(data)
+    return torch.frombuffer(values, dtype=torch.float32).clone() if values else torch.zeros(0)
 
 
 # ----- results -----
@@ -234,7 +245,7 @@ def from_engine(
     if isinstance(request, wire.ForwardBackward):
         return wire.ForwardBackwardResult(
             losses=[float(x) for x in result.losses],
-            logprobs=[pack_f32(_numpy(t)) for t in result.logprobs],
+            logprobs=[pack_f32(_flat(t)) for t in result.logprobs],
             num_tokens=int(result.num_tokens),
             **envelope,
         )
@@ -278,7 +289,7 @@ def result_to_engine(message: wire.ResultMessage) -> Any:
         ]
         return eng.SampleOutput(sequences, message.adapter_version)
     if isinstance(message, wire.ForwardBackwardResult):
-        logprobs = [torch.from_numpy(unpack_f32(data)) for data in message.logprobs]
+        logprobs = [_floats(data) for data in message.logprobs]
         return ForwardBackwardOutput(message.adapter_id, list(message.losses), logprobs, message.num_tokens)
     if isinstance(message, wire.OptimStepResult):
         return OptimStepOutput(message.adapter_id, message.version, message.grad_norm, message.weight_sync_s)

@@ -41,9 +41,10 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPa
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 
-from hotlora.engine import requests as eng
+from hotlora.engine import types as eng
 from hotlora.engine.checkpoint import directory_sha256, save_checkpoint
-from hotlora.engine.core import Engine, EngineConfig, run
+from hotlora.engine.core import Engine, EngineConfig
+from hotlora.engine.event_loop import run
 from hotlora.engine.kafka.admin import ensure_topics
 from hotlora.engine.kafka.broker import EmbeddedBroker
 from hotlora.engine.kafka.convert import from_engine, to_engine

@@ -35,7 +35,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsed
 from rich.table import Table
 
 from hotlora.engine.runner import ModelRunner, RunnerConfig
-from hotlora.engine.types import Datum, ForwardBackwardCall, LoraSpec
+from hotlora.engine.types import Datum, ForwardBackward, LoraSpec
 from hotlora.progress import progress_bar
 
 KS: tuple[int, ...] = (1, 2, 4, 8, 16)
@@ -129,12 +129,12 @@ def make_datums(cfg: CoreBenchConfig, vocab: int) -> list[Datum]:
     return datums
 
 
-def split_calls(datums: Sequence[Datum], adapter_ids: Sequence[str]) -> list[ForwardBackwardCall]:
+def split_calls(datums: Sequence[Datum], adapter_ids: Sequence[str]) -> list[ForwardBackward]:
     """Near-equal contiguous shares of the datums, one call per adapter."""
     k = len(adapter_ids)
     bounds = [round(i * len(datums) / k) for i in range(k + 1)]
     return [
-        ForwardBackwardCall(adapter_id, list(datums[bounds[i] : bounds[i + 1]]), "importance_sampling")
+        ForwardBackward(adapter_id, list(datums[bounds[i] : bounds[i + 1]]), "importance_sampling")
         for i, adapter_id in enumerate(adapter_ids)
     ]
 
@@ -168,7 +168,7 @@ def measure_training(
     runner: ModelRunner, cfg: CoreBenchConfig, ids: Sequence[str], advance: Callable[[], None]
 ) -> list[dict[str, Any]]:
     datums = make_datums(cfg, runner.base.vocab_size)
-    single = [ForwardBackwardCall(ids[0], list(datums), "importance_sampling")]
+    single = [ForwardBackward(ids[0], list(datums), "importance_sampling")]
     work: dict[int, dict[str, Callable[[], object]]] = {}
     for k in KS:
         calls = split_calls(datums, ids[:k])
@@ -215,7 +215,8 @@ def measure_training(
 
 def _decode_once(runner: ModelRunner, cfg: CoreBenchConfig, adapter_ids: Sequence[str]) -> dict[str, float]:
     """All requests admitted at once; returns prefill-step time, decode time and tokens after prefill."""
-    from hotlora.engine.sampler import NativeSampler, SampleRequest, SamplingParams
+    from hotlora.engine.sampler import NativeSampler
+    from hotlora.engine.types import Sample, SamplingParams
 
     sampler = NativeSampler(runner, max_rows=cfg.decode_rows)
     per_request = cfg.decode_rows // DECODE_ADAPTERS
@@ -223,7 +224,7 @@ def _decode_once(runner: ModelRunner, cfg: CoreBenchConfig, adapter_ids: Sequenc
     params = SamplingParams(max_tokens=cfg.decode_tokens, temperature=0.0)
     for i in range(DECODE_ADAPTERS):
         prompt = torch.randint(3, runner.base.vocab_size, (cfg.decode_prompt,), generator=gen).tolist()
-        sampler.add(SampleRequest(f"req-{i}", adapter_ids[i % len(adapter_ids)], prompt, per_request, params))
+        sampler.add(Sample(adapter_ids[i % len(adapter_ids)], prompt, per_request, params, request_id=f"req-{i}"))
     step_times: list[float] = []
     generated = stopped = 0
     while sampler.has_unfinished():

@@ -314,7 +314,7 @@ async def fail_fast_on_exit(exited: asyncio.Task[int], log: str) -> AsyncIterato
 
 async def warm_up(bench: Bench, prefix: str) -> None:
     """One round trip and one base-model sample, so 'warm' means joined consumers and a used decode path."""
-    from hotlora.engine.sampler import SamplingParams
+    from hotlora.engine.types import SamplingParams
 
     async with bench.client(prefix) as client:
         await client.list_adapters()
@@ -692,7 +692,7 @@ def run_bench(
     on_phase: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """The whole bench, provenance included; ``bench/gpu_experiments.py`` calls it with CUDA engine flags."""
-    from hotlora.engine.core import run
+    from hotlora.engine.event_loop import run
 
     result: dict[str, Any] = {"command": command, "commit": git_commit(), "quick": plan.quick}
     result["machine"] = machine_info(device or torch.device("cpu"))

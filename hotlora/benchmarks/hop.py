@@ -111,7 +111,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from hotlora.engine.core import run
+    from hotlora.engine.event_loop import run
     from hotlora.models.tiny_model import TinyModelRecipe, ensure_tiny_model
 
     if args.requests < 1:

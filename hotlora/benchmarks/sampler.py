@@ -127,7 +127,7 @@ def reward(tokens: Sequence[int]) -> float:
 
 async def decode_round(engine: Any, cfg: SamplerBenchConfig, ids: Sequence[str], rnd: int) -> dict[str, float]:
     """Every adapter in ``ids`` submits its requests at once; returns generated tokens and wall seconds."""
-    from hotlora.engine.sampler import SamplingParams
+    from hotlora.engine.types import SamplingParams
 
     vocab = engine.runner.base.vocab_size
     calls = []
@@ -185,8 +185,7 @@ async def rl_steps(
 ) -> list[dict[str, Any]]:
     """One adapter's GRPO-shaped steps; the timings and mismatch of each measured one."""
     from hotlora.agents.grpo import group_advantages, logprob_mismatch, rl_datum
-    from hotlora.engine.sampler import SamplingParams
-    from hotlora.engine.types import AdamParams
+    from hotlora.engine.types import AdamParams, SamplingParams
 
     adapter_id = f"bench-{adapter_index}"
     vocab = engine.runner.base.vocab_size
@@ -432,7 +431,7 @@ def run_bench(
     decode_model: str | None = None,
 ) -> dict[str, Any]:
     """Both backends one after the other; the result dict, provenance included."""
-    from hotlora.engine.core import run
+    from hotlora.engine.event_loop import run
 
     result: dict[str, Any] = {
         "bench": "sampler",

@@ -131,8 +131,7 @@ async def tenant(
 ) -> None:
     """One tenant's loop until ``stop_at[0]`` (monotonic); errors are counted and the loop goes on."""
     from hotlora.agents.grpo import group_advantages, rl_datum
-    from hotlora.engine.sampler import SamplingParams
-    from hotlora.engine.types import AdamParams, LoraSpec
+    from hotlora.engine.types import AdamParams, LoraSpec, SamplingParams
     from hotlora.schemas.errors import HotLoraError
 
     adapter_id = f"soak-{index}"
@@ -343,7 +342,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from hotlora.engine.core import run
+    from hotlora.engine.event_loop import run
     from hotlora.models.tiny_model import TinyModelRecipe, ensure_tiny_model
 
     if args.tenants < 1:

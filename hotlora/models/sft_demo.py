@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from hotlora.engine.runner import ModelRunner
-from hotlora.engine.types import AdamParams, Datum, ForwardBackwardCall, LoraSpec
+from hotlora.engine.types import AdamParams, Datum, ForwardBackward, LoraSpec
 from hotlora.progress import progress_console
 
 PROMPT = "favourite thing:"
@@ -73,7 +73,7 @@ def train_two_adapters(runner: ModelRunner, steps: int, seed: int = 0, lr: float
     first: dict[str, float] = {}
     last: dict[str, float] = {}
     for _ in range(steps):
-        calls = [ForwardBackwardCall(a, [datums[a]], "cross_entropy") for a in specs]
+        calls = [ForwardBackward(a, [datums[a]], "cross_entropy") for a in specs]
         for output in runner.forward_backward_many(calls):
             assert not isinstance(output, Exception)
             first.setdefault(output.adapter_id, output.loss)
