@@ -17,11 +17,10 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from transformers import AutoTokenizer
-
 from hotlora.agents.client import HotLoraClient
 from hotlora.agents.metrics import MetricsSink, read_topic
 from hotlora.agents.tasks import TASKS, ContinualSchedule, render_prompt
+from hotlora.agents.tokenizer import TextTokenizer
 from hotlora.engine.types import (
     AdamParams,
     Datum,
@@ -233,15 +232,12 @@ def make_schedule(cfg: GrpoConfig) -> ContinualSchedule:
 
 def tokenizer_codec(model: str) -> tuple[Callable[[Any], list[int]], Callable[[list[int]], str]]:
     """``encode`` (problem -> prompt tokens) and ``decode`` (generated tokens -> text) from the model's tokenizer."""
-    tokenizer = AutoTokenizer.from_pretrained(model)
+    tokenizer = TextTokenizer.from_model_dir(model)
 
     def encode(problem: Any) -> list[int]:
-        return [tokenizer.bos_token_id, *tokenizer.encode(render_prompt(problem), add_special_tokens=False)]
+        return tokenizer.with_bos(render_prompt(problem))
 
-    def decode(tokens: list[int]) -> str:
-        return tokenizer.decode(tokens, skip_special_tokens=True)
-
-    return encode, decode
+    return encode, tokenizer.decode
 
 
 def resume_point(reported: list[Metrics], engine_version: int) -> tuple[int, int]:

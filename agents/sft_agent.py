@@ -12,9 +12,8 @@ import sys
 import time
 from dataclasses import dataclass
 
-from transformers import AutoTokenizer
-
 from hotlora.agents.client import HotLoraClient
+from hotlora.agents.tokenizer import TextTokenizer
 from hotlora.engine.types import AdamParams, Datum, LoraSpec, SamplingParams
 
 PROMPT = "favourite thing:"
@@ -39,10 +38,10 @@ def emit(**fields: object) -> None:
 
 
 async def run_sft_agent(cfg: SftAgentConfig) -> int:
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+    tokenizer = TextTokenizer.from_model_dir(cfg.model)
     target = cfg.target if cfg.target is not None else TARGETS[cfg.seed % len(TARGETS)]
-    prompt = [tokenizer.bos_token_id, *tokenizer.encode(PROMPT, add_special_tokens=False)]
-    answer = [*tokenizer.encode(target, add_special_tokens=False), tokenizer.eos_token_id]
+    prompt = tokenizer.with_bos(PROMPT)
+    answer = [*tokenizer.encode(target), tokenizer.eos_token_id]
     datum = Datum.from_sequence(prompt + answer, prompt_len=len(prompt))
     greedy = SamplingParams(max_tokens=len(answer) + 4, temperature=0.0)
     async with HotLoraClient(cfg.bootstrap, topic_prefix=cfg.topic_prefix) as client:
@@ -51,7 +50,7 @@ async def run_sft_agent(cfg: SftAgentConfig) -> int:
         text = ""
         for step in range(cfg.steps):
             sample = await client.sample(cfg.adapter_id, prompt, n=1, params=greedy)
-            text = tokenizer.decode(sample.sequences[0].tokens, skip_special_tokens=True)
+            text = tokenizer.decode(sample.sequences[0].tokens)
             fb = await client.forward_backward(cfg.adapter_id, [datum], "cross_entropy")
             opt = await client.optim_step(cfg.adapter_id, AdamParams(learning_rate=cfg.learning_rate))
             emit(
@@ -64,7 +63,7 @@ async def run_sft_agent(cfg: SftAgentConfig) -> int:
                 t=time.perf_counter() - start,
             )
         sample = await client.sample(cfg.adapter_id, prompt, n=1, params=greedy)
-        text = tokenizer.decode(sample.sequences[0].tokens, skip_special_tokens=True)
+        text = tokenizer.decode(sample.sequences[0].tokens)
         saved = await client.save_state(cfg.adapter_id, f"{cfg.adapter_id}-final")
         emit(adapter=cfg.adapter_id, done=True, completion=text, target=target, checkpoint=saved.path)
     return 0 if text == target else 1

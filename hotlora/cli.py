@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import os
 import sys
@@ -136,6 +137,10 @@ def _cmd_engine(args: argparse.Namespace) -> int:
         config = from_sources(args)
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
+    if not config.model:  # the default base: the cached tiny model, built on first use
+        from hotlora.models.tiny_model import TinyModelRecipe, ensure_tiny_model
+
+        config = dataclasses.replace(config, model=str(ensure_tiny_model(TinyModelRecipe())))
     return engine_main(config)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -229,3 +230,29 @@ def test_schedule_validation_and_parse():
 def test_phase_ends_mark_the_last_step_of_each_phase() -> None:
     schedule = ContinualSchedule((("sort", 2), ("format", 1), ("reverse", 3)))
     assert [s for s in range(schedule.total_steps) if schedule.phase_ends_at(s)] == [1, 2, 5]
+
+
+def test_the_agents_tokenizer_gives_autotokenizers_ids(tiny_model_path: Path, tmp_path: Path) -> None:
+    """``agents.tokenizer`` reads tokenizer.json without transformers; ids and texts must be AutoTokenizer's."""
+    from transformers import AutoTokenizer
+
+    from hotlora.agents.tokenizer import TextTokenizer
+    from hotlora.models.shapes import build_shape_tokenizer
+
+    padded = tmp_path / "padded"
+    build_shape_tokenizer(600).save_pretrained(padded)  # the real shapes' tokenizer, filler tokens and all
+    texts = [render_prompt(p) for name in sorted(TASKS) for p in TASKS[name].problems(3, 4)]
+    texts += [
+        "",
+        " 12+30=42, always",
+        'caf\u00e9 {"k": "v"} \u00fc\u00df \u4e2d\u6587 \U0001f600',
+        "<s> not special </s>",
+    ]
+    for model in (tiny_model_path, padded):
+        reference, ours = AutoTokenizer.from_pretrained(model), TextTokenizer.from_model_dir(model)
+        assert (ours.bos_token_id, ours.eos_token_id) == (reference.bos_token_id, reference.eos_token_id)
+        for text in texts:
+            ids = reference.encode(text, add_special_tokens=False)
+            assert ours.encode(text) == ids, text
+            with_specials = [reference.bos_token_id, *ids, reference.eos_token_id, reference.pad_token_id]
+            assert ours.decode(with_specials) == reference.decode(with_specials, skip_special_tokens=True), text

@@ -248,10 +248,8 @@ class EngineService:
         if self.config.device == CLAIM:  # before CUDA starts: it narrows CUDA_VISIBLE_DEVICES to the claimed GPU
             self.device_claim = claim_visible_gpu(Path(self.config.device_lock_dir))
             log.info("gpu_claimed", gpu=self.device_claim.gpu_id, lock=str(self.device_claim.path))
-        if not self.model:
-            from hotlora.models.tiny_model import TinyModelRecipe, ensure_tiny_model
-
-            self.model = str(ensure_tiny_model(TinyModelRecipe()))
+        if not self.model:  # ``hotlora engine`` fills in its default (the cached tiny model) before this
+            raise ValueError("ServiceConfig.model names no base model directory")
         settings = self.config
         config = EngineConfig(
             max_decode_rows=settings.max_decode_rows,

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 @dataclass
 class ServiceConfig:
-    """``bootstrap=None`` starts an embedded broker; ``model=None`` uses the cached tiny model."""
+    """``bootstrap=None`` starts an embedded broker; ``model=None``: ``hotlora engine`` uses the cached tiny model."""
 
     bootstrap: str | None = None
     model: str | None = None

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 
 from hotlora.agents.corpus import examples, render
-from hotlora.models.tiny_model import ProgressFn, TinyModelRecipe
+
+ProgressFn = Callable[[int, int, float], None]  # (step, steps, loss)
 
 
 def encode_batch(texts: list[str], tokenizer: PreTrainedTokenizerBase) -> tuple[torch.Tensor, torch.Tensor]:
@@ -26,26 +29,29 @@ def encode_batch(texts: list[str], tokenizer: PreTrainedTokenizerBase) -> tuple[
 def pretrain(
     model: LlamaForCausalLM,
     tokenizer: PreTrainedTokenizerBase,
-    recipe: TinyModelRecipe,
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    answer_noise: float = 0.0,
     progress: ProgressFn | None = None,
 ) -> list[float]:
-    """AdamW with linear warmup and cosine decay; returns the loss per step."""
-    torch.manual_seed(recipe.seed)
-    stream = examples(seed=recipe.seed + 1, answer_noise=recipe.pretrain_answer_noise)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.pretrain_lr, weight_decay=0.01, betas=(0.9, 0.95))
-    warmup = max(1, recipe.pretrain_steps // 20)
+    """AdamW with linear warmup and cosine decay over ``steps`` batches of the corpus; the loss per step."""
+    torch.manual_seed(seed)
+    stream = examples(seed=seed + 1, answer_noise=answer_noise)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.95))
+    warmup = max(1, steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         lambda step: (
-            min(1.0, (step + 1) / warmup)
-            * 0.5
-            * (1 + torch.cos(torch.tensor(torch.pi * step / recipe.pretrain_steps)).item())
+            min(1.0, (step + 1) / warmup) * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * step / steps)).item())
         ),
     )
     model.train()
     losses: list[float] = []
-    for step in range(recipe.pretrain_steps):
-        texts = [render(next(stream)) for _ in range(recipe.pretrain_batch_size)]
+    for step in range(steps):
+        texts = [render(next(stream)) for _ in range(batch_size)]
         ids, labels = encode_batch(texts, tokenizer)
         loss = model(input_ids=ids, labels=labels).loss
         loss.backward()
@@ -55,6 +61,6 @@ def pretrain(
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
         if progress is not None:
-            progress(step + 1, recipe.pretrain_steps, losses[-1])
+            progress(step + 1, steps, losses[-1])
     model.eval()
     return losses

@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +20,8 @@ from tokenizers import Tokenizer, decoders, models
 from tokenizers.pre_tokenizers import ByteLevel
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
+
+from hotlora.models.pretrain import ProgressFn, pretrain
 
 RECIPE_FORMAT = 1
 COMPLETE_MARKER = "hotlora-model.json"
@@ -88,17 +89,21 @@ def build_model(recipe: TinyModelRecipe, vocab_size: int) -> LlamaForCausalLM:
     return model
 
 
-ProgressFn = Callable[[int, int, float], None]
-
-
 def build_tiny_model(recipe: TinyModelRecipe, out_dir: Path, progress: ProgressFn | None = None) -> Path:
     """Build (and optionally pretrain) the model into ``out_dir``."""
-    from hotlora.models.pretrain import pretrain
-
     tokenizer = build_tokenizer()
     model = build_model(recipe, vocab_size=len(tokenizer))
     if recipe.pretrain_steps > 0:
-        pretrain(model, tokenizer, recipe, progress=progress)
+        pretrain(
+            model,
+            tokenizer,
+            steps=recipe.pretrain_steps,
+            batch_size=recipe.pretrain_batch_size,
+            lr=recipe.pretrain_lr,
+            seed=recipe.seed,
+            answer_noise=recipe.pretrain_answer_noise,
+            progress=progress,
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     hf_logging.disable_progress_bar()
     model.save_pretrained(out_dir)
