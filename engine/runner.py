@@ -29,6 +29,7 @@ from hotlora.engine.lora import inject_multi_lora, lora_batch
 from hotlora.engine.losses import compute_loss, target_logprobs, validate_loss_config
 from hotlora.engine.types import (
     AdamParams,
+    AdapterInfo,
     Datum,
     ForwardBackward,
     ForwardBackwardOutput,
@@ -62,19 +63,6 @@ class RunnerConfig:
     gradient_checkpointing: bool = False
     # CUDA without ``resident_slots``: the share of free device memory resident adapters may fill.
     resident_memory_fraction: float = DEFAULT_RESIDENT_MEMORY_FRACTION
-
-
-@dataclass(frozen=True)
-class AdapterInfo:
-    adapter_id: str
-    slot: int | None  # None while offloaded
-    resident: bool
-    rank: int
-    alpha: float
-    targets: tuple[str, ...]
-    version: int
-    num_parameters: int
-    seq: int = 0  # the last request seq the engine service accepted for it (0 in process)
 
 
 class ModelRunner:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import time
 from collections.abc import AsyncIterator, Callable
@@ -12,11 +13,26 @@ from typing import Any
 
 import pytest
 import torch
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+from hotlora.engine.kafka.admin import create_topics, ensure_topics
 from hotlora.engine.kafka.service import EngineService
 from hotlora.engine.kafka.service_config import ServiceConfig
 from hotlora.engine.runner import ModelRunner
 from hotlora.engine.types import Datum
+from hotlora.schemas import Datum as WireDatum
+from hotlora.schemas import (
+    Error,
+    ForwardBackward,
+    ListAdapters,
+    Message,
+    OptimStep,
+    Topics,
+    decode,
+    encode,
+    key_for,
+    pack_i32,
+)
 
 
 def random_datum(gen: torch.Generator, vocab: int, length: int, rl: bool = False) -> Datum:
@@ -132,3 +148,139 @@ def accelerator() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     pytest.skip("no CUDA device: bench/gpu_suite.sh runs these on a GPU (HOTLORA_TEST_DEVICE=cpu rehearses them)")
+
+
+WAIT_S = 60.0  # generous: two shared cores; a healthy run takes a fraction of it
+
+
+class Tenant:
+    """A tenant's view of an engine service over Kafka: the service running in process (unless
+    ``spawn_engine=False``), a raw producer, and a reader of the reply, results, checkpoint,
+    dead-letter and metrics topics. Every wait is bounded and fails loudly."""
+
+    def __init__(
+        self,
+        config: ServiceConfig,
+        reply_to: str,
+        spawn_engine: bool = True,
+        max_bytes: int = 16 << 20,
+        linger_ms: int = 0,
+    ) -> None:
+        self.config = config
+        self.bootstrap = config.bootstrap or ""
+        self.topics = Topics(config.topic_prefix)
+        self.reply_to = reply_to
+        self.service = EngineService(config) if spawn_engine else None
+        self.max_bytes = max_bytes
+        self.linger_ms = linger_ms
+        self.seen: list[tuple[str, Any]] = []  # (topic, decoded message; raw bytes for dead letters)
+        self.dead: list[bytes] = []
+        self._changed = asyncio.Event()
+        self._tasks: list[asyncio.Task[Any]] = []  # the running service first, if any
+
+    async def __aenter__(self) -> Tenant:
+        await ensure_topics(self.bootstrap, self.topics, partitions=2)
+        await create_topics(self.bootstrap, [self.reply_to], partitions=1)
+        if self.service is not None:
+            self._tasks.append(await start_engine_service(self.service, WAIT_S))
+        self.producer = AIOKafkaProducer(
+            bootstrap_servers=self.bootstrap,
+            enable_idempotence=False,
+            max_request_size=self.max_bytes // 2,
+            linger_ms=self.linger_ms,
+        )
+        await self.producer.start()
+        self.consumer = AIOKafkaConsumer(
+            self.reply_to,
+            self.topics.results,
+            self.topics.checkpoints,
+            self.topics.dead_letters,
+            self.topics.metrics,
+            bootstrap_servers=self.bootstrap,
+            auto_offset_reset="earliest",
+            max_partition_fetch_bytes=self.max_bytes,
+            fetch_max_bytes=self.max_bytes,
+            fetch_max_wait_ms=20,
+        )
+        await self.consumer.start()
+        self._tasks.append(asyncio.create_task(self._read()))
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self.service is not None:
+            self.service.request_stop()
+            await asyncio.wait_for(self._tasks[0], WAIT_S)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.consumer.stop()
+        await self.producer.stop()
+
+    async def _read(self) -> None:
+        async for record in self.consumer:
+            if record.topic == self.topics.dead_letters:
+                self.dead.append(record.value)
+                self.seen.append((record.topic, record.value))
+            else:
+                self.seen.append((record.topic, decode(record.value)))
+            self._changed.set()
+
+    @property
+    def shared(self) -> list[Any]:
+        """Errors whose reply_to was "" (or refused): the shared results topic."""
+        return [m for t, m in self.seen if t == self.topics.results]
+
+    def replies(self, request_id: str) -> list[Any]:
+        return [m for t, m in self.seen if t == self.reply_to and m.request_id == request_id]
+
+    async def until(self, what: str, predicate: Callable[[], Any], timeout: float = WAIT_S) -> Any:
+        return await wait_until(what, predicate, self._changed, timeout)
+
+    async def send(self, message: Message, topic: str | None = None) -> Any:
+        value = encode(message)
+        return await self.producer.send_and_wait(topic or self.topics.topic_for(message), value, key=key_for(message))
+
+    async def send_raw(self, topic: str, value: bytes, key: bytes | None = None) -> None:
+        await self.producer.send_and_wait(topic, value, key=key)
+
+    async def reply(self, request_id: str, timeout: float = WAIT_S) -> Any:
+        return (await self.until(f"the reply to {request_id}", lambda: self.replies(request_id), timeout))[0]
+
+    async def call(self, message: Message) -> Any:
+        await self.send(message)
+        return await self.reply(message.request_id)
+
+    def envelope(self, adapter_id: str = "", seq: int = 0, request_id: str | None = None) -> dict[str, Any]:
+        extra = {} if request_id is None else {"request_id": request_id}
+        return {"adapter_id": adapter_id, "seq": seq, "reply_to": self.reply_to, **extra}
+
+    async def healthy(self, adapter_id: str = "good") -> None:
+        """The engine still serves: a train step of an existing adapter, and a list_adapters probe."""
+        datum = WireDatum(input_tokens=pack_i32([3, 4, 5, 6]), target_tokens=pack_i32([4, 5, 6, 7]))
+        fb = await self.call(ForwardBackward(datums=[datum], **self.envelope(adapter_id)))
+        assert not isinstance(fb, Error) and all(math.isfinite(x) for x in fb.losses), fb
+        step = await self.call(OptimStep(learning_rate=1e-2, **self.envelope(adapter_id)))
+        assert not isinstance(step, Error), step
+        listed = await self.call(ListAdapters(**self.envelope()))
+        assert adapter_id in [a.adapter_id for a in listed.adapters], listed
+
+    async def until_committed(self, ends: dict[TopicPartition, int]) -> None:
+        """Poll the group's committed offsets (an admin read, not a message) until they reach ``ends``."""
+        deadline = time.monotonic() + WAIT_S
+        while True:
+            committed = await self.committed(list(ends))
+            if all(committed[tp] >= end for tp, end in ends.items()):
+                return
+            assert time.monotonic() < deadline, f"offsets not committed in time: {committed} vs {ends}"
+            await asyncio.sleep(0.1)
+
+    async def committed(self, partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
+        """The engine group's committed offsets, read by a member that never subscribes (so never joins)."""
+        reader = AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap, group_id=self.config.consumer_group, enable_auto_commit=False
+        )
+        await reader.start()
+        try:
+            return {tp: (await reader.committed(tp)) or 0 for tp in partitions}
+        finally:
+            await reader.stop()

@@ -14,18 +14,13 @@ checkpoint path outside ``checkpoint_dir``...); ``unknown_adapter`` for an adapt
 from __future__ import annotations
 
 import asyncio
-import math
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import msgspec
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from hotlora.engine.kafka.admin import create_topics, ensure_topics
 from hotlora.engine.kafka.broker import EmbeddedBroker
-from hotlora.engine.kafka.service import EngineService
 from hotlora.engine.kafka.service_config import ServiceConfig, from_sources
 from hotlora.schemas import (
     CreateAdapter,
@@ -38,111 +33,17 @@ from hotlora.schemas import (
     OptimStep,
     Sample,
     SaveState,
-    Topics,
-    decode,
     encode,
-    key_for,
     pack_f32,
     pack_i32,
 )
-from tests.helpers import service_config_for_tests, start_engine_service, wait_until
+from tests.helpers import Tenant, service_config_for_tests
 
 pytestmark = pytest.mark.timeout(300)
 WAIT_S = 60.0
 LIMIT = 256 * 1024  # max_message_bytes of the engine under test
 VOCAB_HIGH = 10**6  # beyond any test model's vocabulary
 CONTEXT = 256  # TEST_RECIPE's max_positions
-
-
-class Tenant:
-    """A running in-process EngineService plus a raw producer and a reader of replies and dead letters."""
-
-    def __init__(self, config: ServiceConfig, reply_to: str) -> None:
-        self.config = config
-        self.bootstrap = config.bootstrap or ""
-        self.topics = Topics(config.topic_prefix)
-        self.reply_to = reply_to
-        self.service = EngineService(config)
-        self.replies: dict[str, list[Any]] = {}
-        self.shared: list[Any] = []  # errors whose reply_to was "" (or refused): the shared results topic
-        self.dead: list[bytes] = []
-        self._changed = asyncio.Event()
-        self._tasks: list[asyncio.Task[Any]] = []
-
-    async def __aenter__(self) -> Tenant:
-        await ensure_topics(self.bootstrap, self.topics, partitions=2)
-        await create_topics(self.bootstrap, [self.reply_to], partitions=1)
-        self._tasks.append(await start_engine_service(self.service, WAIT_S))
-        self.producer = AIOKafkaProducer(
-            bootstrap_servers=self.bootstrap,
-            enable_idempotence=False,
-            max_request_size=32 * LIMIT,
-            linger_ms=5,
-        )
-        await self.producer.start()
-        self.consumer = AIOKafkaConsumer(
-            self.reply_to,
-            self.topics.results,
-            self.topics.dead_letters,
-            bootstrap_servers=self.bootstrap,
-            auto_offset_reset="earliest",
-            max_partition_fetch_bytes=64 * LIMIT,
-            fetch_max_bytes=64 * LIMIT,
-            fetch_max_wait_ms=20,
-        )
-        await self.consumer.start()
-        self._tasks.append(asyncio.create_task(self._read()))
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.service.request_stop()
-        await asyncio.wait_for(self._tasks[0], WAIT_S)
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self.consumer.stop()
-        await self.producer.stop()
-
-    async def _read(self) -> None:
-        async for record in self.consumer:
-            if record.topic == self.topics.dead_letters:
-                self.dead.append(record.value)
-            else:
-                message = decode(record.value)
-                if record.topic == self.reply_to:
-                    self.replies.setdefault(message.request_id, []).append(message)
-                else:
-                    self.shared.append(message)
-            self._changed.set()
-
-    async def until(self, what: str, predicate: Callable[[], Any], timeout: float = WAIT_S) -> Any:
-        return await wait_until(what, predicate, self._changed, timeout)
-
-    async def send(self, message: Message) -> None:
-        await self.producer.send_and_wait(self.topics.topic_for(message), encode(message), key=key_for(message))
-
-    async def send_raw(self, topic: str, value: bytes, key: bytes | None = None) -> None:
-        await self.producer.send_and_wait(topic, value, key=key)
-
-    async def reply(self, request_id: str, timeout: float = WAIT_S) -> Any:
-        return (await self.until(f"the reply to {request_id}", lambda: self.replies.get(request_id), timeout))[0]
-
-    async def call(self, message: Message) -> Any:
-        await self.send(message)
-        return await self.reply(message.request_id)
-
-    def envelope(self, adapter_id: str = "", seq: int = 0, request_id: str | None = None) -> dict[str, Any]:
-        extra = {} if request_id is None else {"request_id": request_id}
-        return {"adapter_id": adapter_id, "seq": seq, "reply_to": self.reply_to, **extra}
-
-    async def healthy(self, adapter_id: str = "good") -> None:
-        """The engine still serves: a train step of an existing adapter, and a list_adapters probe."""
-        fb = await self.call(ForwardBackward(datums=[_datum([3, 4, 5, 6, 7])], **self.envelope(adapter_id)))
-        assert not isinstance(fb, Error) and all(math.isfinite(x) for x in fb.losses), fb
-        step = await self.call(OptimStep(learning_rate=1e-2, **self.envelope(adapter_id)))
-        assert not isinstance(step, Error), step
-        listed = await self.call(ListAdapters(**self.envelope()))
-        assert adapter_id in [a.adapter_id for a in listed.adapters], listed
 
 
 def _datum(tokens: list[int], **fields: Any) -> Datum:
@@ -157,7 +58,7 @@ def _tenant(broker: EmbeddedBroker, prefix: str, model: Path, tmp: Path, **overr
     config = service_config_for_tests(
         broker.bootstrap, prefix, model, tmp / "ckpt", max_message_bytes=LIMIT, heartbeat_interval=60.0, **overrides
     )
-    return Tenant(config, f"{prefix}.replies")
+    return Tenant(config, f"{prefix}.replies", max_bytes=64 * LIMIT, linger_ms=5)
 
 
 def _run(coro: Any) -> Any:

@@ -139,7 +139,7 @@ def test_a_sample_answered_after_the_last_step_leaves_no_hole_after_a_crash(
                 await client.optim_step(ADAPTER, AdamParams(learning_rate=1e-2))  # 3: snapshot
                 await client.sample(ADAPTER, [1, 2, 3], 1, SamplingParams(max_tokens=4, temperature=0.0))  # 4
                 async with asyncio.timeout(30):  # the mark moves over the sample, and its offset commits
-                    while service._durable_seq.get(ADAPTER, 0) < 4 or service._offsets.to_commit():
+                    while service.durable_seq(ADAPTER) < 4 or service._offsets.to_commit():
                         await asyncio.sleep(0.05)
                 await client.forward_backward(ADAPTER, [datum])  # 5: applied, not durable
             finally:

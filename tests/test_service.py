@@ -13,20 +13,19 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import msgspec
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import TopicPartition
 
 from hotlora import cli
 from hotlora.engine.checkpoint import directory_sha256
-from hotlora.engine.kafka.admin import create_topics, ensure_topics, list_topics
+from hotlora.engine.kafka.admin import list_topics
 from hotlora.engine.kafka.broker import EmbeddedBroker
+from hotlora.engine.kafka.durability import DurableStore
 from hotlora.engine.kafka.sequencing import OffsetTracker, ResultCache, Sequencer
-from hotlora.engine.kafka.service import EngineService
 from hotlora.engine.kafka.service_config import from_sources
 from hotlora.schemas import (
     CheckpointEvent,
@@ -37,20 +36,15 @@ from hotlora.schemas import (
     ForwardBackward,
     Heartbeat,
     ListAdapters,
-    Message,
     OptimStep,
     Sample,
     SaveState,
     Topics,
-    decode,
-    encode,
-    key_for,
     pack_i32,
 )
-from tests.helpers import service_config_for_tests, start_engine_service, wait_until
+from tests.helpers import WAIT_S, Tenant, service_config_for_tests
 
 pytestmark = pytest.mark.timeout(240)
-WAIT_S = 60.0  # generous: two shared cores; a healthy run takes a fraction of it
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -100,90 +94,10 @@ def test_config_flags_override_environment() -> None:
 # ----- an agent's view over Kafka -----
 
 
-class Agent:
-    """A running in-process EngineService, a producer, and a reader of the reply/checkpoint/dead-letter topics."""
-
-    def __init__(self, bootstrap: str, prefix: str, model: Path, checkpoint_dir: Path, spawn_engine: bool = True):
-        self.bootstrap = bootstrap
-        self.topics = Topics(prefix)
-        self.reply_to = f"{prefix}.replies"
-        self.config = service_config_for_tests(bootstrap, prefix, model, checkpoint_dir, heartbeat_interval=0.5)
-        self.service = EngineService(self.config) if spawn_engine else None
-        self.seen: list[tuple[str, Any]] = []  # (topic, decoded message or raw bytes for dead letters)
-        self._changed = asyncio.Event()
-        self._tasks: list[asyncio.Task[Any]] = []
-
-    async def __aenter__(self) -> Agent:
-        await ensure_topics(self.bootstrap, self.topics, partitions=2)
-        await create_topics(self.bootstrap, [self.reply_to], partitions=1)
-        if self.service is not None:
-            self._tasks.append(await start_engine_service(self.service, WAIT_S))
-        self.producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, enable_idempotence=False)
-        await self.producer.start()
-        self.consumer = AIOKafkaConsumer(
-            self.reply_to,
-            self.topics.checkpoints,
-            self.topics.dead_letters,
-            self.topics.metrics,
-            bootstrap_servers=self.bootstrap,
-            auto_offset_reset="earliest",
-        )
-        await self.consumer.start()
-        self._tasks.append(asyncio.create_task(self._read()))
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self.service is not None:
-            self.service.request_stop()
-            await asyncio.wait_for(self._tasks[0], WAIT_S)
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self.consumer.stop()
-        await self.producer.stop()
-
-    async def _read(self) -> None:
-        async for record in self.consumer:
-            value = record.value if record.topic == self.topics.dead_letters else decode(record.value)
-            self.seen.append((record.topic, value))
-            self._changed.set()
-
-    async def send(self, message: Message, topic: str | None = None) -> Any:
-        value = encode(message)
-        return await self.producer.send_and_wait(topic or self.topics.topic_for(message), value, key=key_for(message))
-
-    async def until(self, what: str, predicate: Callable[[], Any], timeout: float = WAIT_S) -> Any:
-        return await wait_until(what, predicate, self._changed, timeout)
-
-    def replies(self, request_id: str) -> list[Any]:
-        return [m for t, m in self.seen if t == self.reply_to and m.request_id == request_id]
-
-    async def reply(self, request_id: str) -> Any:
-        return (await self.until(f"the reply to {request_id}", lambda: self.replies(request_id)))[0]
-
-    def envelope(self, adapter_id: str, seq: int) -> dict[str, Any]:
-        return {"adapter_id": adapter_id, "seq": seq, "reply_to": self.reply_to}
-
-    async def until_committed(self, ends: dict[TopicPartition, int]) -> None:
-        """Poll the group's committed offsets (an admin read, not a message) until they reach ``ends``."""
-        deadline = time.monotonic() + WAIT_S
-        while True:
-            committed = await self.committed(list(ends))
-            if all(committed[tp] >= end for tp, end in ends.items()):
-                return
-            assert time.monotonic() < deadline, f"offsets not committed in time: {committed} vs {ends}"
-            await asyncio.sleep(0.1)
-
-    async def committed(self, partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
-        """The engine group's committed offsets, read by a member that never subscribes (so never joins)."""
-        reader = AIOKafkaConsumer(
-            bootstrap_servers=self.bootstrap, group_id=self.config.consumer_group, enable_auto_commit=False
-        )
-        await reader.start()
-        try:
-            return {tp: (await reader.committed(tp)) or 0 for tp in partitions}
-        finally:
-            await reader.stop()
+def _agent(bootstrap: str, prefix: str, model: Path, checkpoint_dir: Path, spawn_engine: bool = True) -> Tenant:
+    """An agent's view: raw aiokafka plus the schemas, heartbeats every half second."""
+    config = service_config_for_tests(bootstrap, prefix, model, checkpoint_dir, heartbeat_interval=0.5)
+    return Tenant(config, f"{prefix}.replies", spawn_engine=spawn_engine)
 
 
 def _datum(tokens: list[int]) -> Datum:
@@ -207,7 +121,7 @@ def test_train_loop_versions_checkpoint_and_offsets(
     broker: EmbeddedBroker, topic_prefix: str, tiny_model_path: Path, tmp_path: Path
 ) -> None:
     async def body() -> Path:
-        async with Agent(broker.bootstrap, topic_prefix, tiny_model_path, tmp_path / "ckpt") as agent:
+        async with _agent(broker.bootstrap, topic_prefix, tiny_model_path, tmp_path / "ckpt") as agent:
             env = lambda seq: agent.envelope("a", seq)  # noqa: E731
             batch = [_datum([5, 6, 7, 8, 9, 10]), _datum([11, 12, 13, 14])]
             requests = [
@@ -255,7 +169,7 @@ def test_out_of_order_seq_across_topics_runs_in_seq_order_and_holds_commits(
     broker: EmbeddedBroker, topic_prefix: str, tiny_model_path: Path, tmp_path: Path
 ) -> None:
     async def body() -> None:
-        async with Agent(broker.bootstrap, topic_prefix, tiny_model_path, tmp_path / "ckpt") as agent:
+        async with _agent(broker.bootstrap, topic_prefix, tiny_model_path, tmp_path / "ckpt") as agent:
             env = lambda seq: agent.envelope("a", seq)  # noqa: E731
             create = CreateAdapter(rank=4, **env(1))
             sent = [await agent.send(create)]
@@ -288,7 +202,7 @@ def test_duplicate_request_id_is_answered_once(
     broker: EmbeddedBroker, topic_prefix: str, tiny_model_path: Path, tmp_path: Path
 ) -> None:
     async def body() -> None:
-        async with Agent(broker.bootstrap, topic_prefix, tiny_model_path, tmp_path / "ckpt") as agent:
+        async with _agent(broker.bootstrap, topic_prefix, tiny_model_path, tmp_path / "ckpt") as agent:
             env = lambda seq: agent.envelope("a", seq)  # noqa: E731
             create = CreateAdapter(rank=4, **env(1))
             await agent.send(create)
@@ -322,7 +236,7 @@ def test_bad_records_go_to_dead_letters_with_bad_message_reply(
     broker: EmbeddedBroker, topic_prefix: str, tiny_model_path: Path, tmp_path: Path
 ) -> None:
     async def body() -> None:
-        async with Agent(broker.bootstrap, topic_prefix, tiny_model_path, tmp_path / "ckpt") as agent:
+        async with _agent(broker.bootstrap, topic_prefix, tiny_model_path, tmp_path / "ckpt") as agent:
             garbage = b"\xc1 not messagepack"
             await agent.producer.send_and_wait(agent.topics.rollout, garbage, key=b"a")
             readable = msgspec.msgpack.encode(
@@ -379,7 +293,7 @@ def test_engine_cli_exits_0_on_sigterm_after_checkpointing(
     log_path = tmp_path / "engine.log"
 
     async def body(process: subprocess.Popen[bytes]) -> None:
-        async with Agent(broker.bootstrap, topic_prefix, tiny_model_path, ckpt, spawn_engine=False) as agent:
+        async with _agent(broker.bootstrap, topic_prefix, tiny_model_path, ckpt, spawn_engine=False) as agent:
             await agent.until(
                 "engine_status running",
                 lambda: any(isinstance(m, EngineStatus) and m.state == "running" for _, m in agent.seen),
@@ -420,3 +334,46 @@ def test_engine_cli_exits_0_on_sigterm_after_checkpointing(
                 process.kill()
             process.wait(timeout=30)
     assert '"event": "engine_stopped"' in log_path.read_text()
+
+
+def test_a_snapshot_spawned_during_shutdown_is_written_not_cancelled(
+    broker: EmbeddedBroker, topic_prefix: str, tiny_model_path: Path, tmp_path: Path, monkeypatch: Any
+) -> None:
+    """Shutdown waits for the follow-up tasks its in-flight requests spawn: the optim_step running when
+    the stop comes spawns its durable snapshot only as it finishes, so a drain that waited once for the
+    tasks present at the stop would cancel that snapshot, and the step would be redone after a restart."""
+    real_commit = DurableStore.commit
+
+    def slow_commit(self: DurableStore, *args: Any) -> None:
+        time.sleep(1.0)  # the snapshot is still being written when the rest of the shutdown is done
+        real_commit(self, *args)
+
+    monkeypatch.setattr(DurableStore, "commit", slow_commit)
+
+    async def body() -> list[Any]:
+        async with _agent(broker.bootstrap, topic_prefix, tiny_model_path, tmp_path / "ckpt") as agent:
+            service = agent.service
+            assert service is not None and service.engine is not None
+            engine, submit = service.engine, service.engine.submit
+
+            async def stop_at_optim_step(request: Any) -> Any:
+                if type(request).__name__ == "OptimStep":
+                    service.request_stop()
+                    await asyncio.sleep(1.0)  # still in flight when the shutdown starts: its snapshot comes later
+                return await submit(request)
+
+            engine.submit = stop_at_optim_step  # type: ignore[method-assign]
+            env = lambda seq: agent.envelope("a", seq)  # noqa: E731
+            create = CreateAdapter(rank=2, **env(1))
+            sent = [await agent.send(create)]
+            assert not isinstance(await agent.reply(create.request_id), Error)
+            requests = [ForwardBackward(datums=[_datum([3, 4, 5, 6])], **env(2)), OptimStep(**env(3))]
+            sent += [await agent.send(r) for r in requests]
+            stepped = await agent.reply(requests[1].request_id)
+            assert not isinstance(stepped, Error) and stepped.version == 1, stepped
+            await asyncio.wait_for(agent._tasks[0], WAIT_S)  # the service stops by itself
+            await agent.until_committed(_ends(sent))  # the step's offset too: it is durable
+        return DurableStore(tmp_path / "ckpt" / ".durable").load_all()
+
+    saved = _run(body())
+    assert [(s.adapter_id, s.seq, s.version) for s in saved] == [("a", 3, 1)], saved

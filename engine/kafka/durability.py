@@ -15,25 +15,42 @@ Layout::
 The service commits a request's Kafka offset only once its effect is in a current snapshot, so
 whatever a crash loses is re-delivered, and whatever a snapshot holds is answered from its stored
 replies instead of being applied again. JSON and safetensors only: nothing is pickled.
+
+Two parts: ``DurableStore`` (blocking file I/O, the ``SnapshotStore`` the engines share) and
+``Durability``, the service's use of it: it writes the snapshots and returns what the pure
+``DurableLedger`` (``engine.kafka.ledger``) decides, the records whose offsets may commit now.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import json
 import os
 import re
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
+
+import structlog
+
+from hotlora.engine.checkpoint import save_checkpoint
+from hotlora.engine.core import Engine
+from hotlora.engine.kafka.ledger import MAX_REPLIES, DurableLedger
+from hotlora.engine.types import SaveState
+from hotlora.schemas.errors import HotLoraError
+
+log = structlog.get_logger("hotlora.service")
 
 DURABLE_FILE = "durable.json"
 CURRENT_FILE = "CURRENT"
 FORMAT = "hotlora-durable"
-MAX_REPLIES = 16  # stored replies per adapter: a crash re-delivers only what the last snapshots left uncommitted
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+REPLY_WAIT_S = 120.0  # a snapshot waits this long for the replies it stores (they are being published)
+Records = list[tuple[Any, int]]  # (partition, offset) of the input records a request answers
 
 
 @dataclass
@@ -144,6 +161,97 @@ class DurableStore:
             return None
         replies = {rid: (int(s), base64.b64decode(data)) for rid, (s, data) in meta["replies"].items()}
         return DurableAdapter(meta["adapter_id"], int(meta["seq"]), int(meta["version"]), snapshot, replies)
+
+
+class Durability:
+    """The engine service's durable snapshots. Each coroutine writes what it must and returns the
+    ledger's decision, the records whose offsets may commit now; it never commits or publishes."""
+
+    def __init__(self, store: SnapshotStore) -> None:
+        self.store = store
+        self.ledger: DurableLedger[Records] = DurableLedger()
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._published: asyncio.Future[None] | None = None  # resolved (and replaced) as replies go out
+
+    def lock(self, adapter_id: str) -> asyncio.Lock:
+        """One snapshot of an adapter at a time, in seq order: a later one never loses to an earlier one."""
+        return self._locks.setdefault(adapter_id, asyncio.Lock())
+
+    def answered(self, adapter_id: str, seq: int, request_id: str, mutating: bool, reply: bytes) -> None:
+        """A sequenced request's reply is published (``DurableLedger.answered``); snapshots waiting for it go on."""
+        self.ledger.answered(adapter_id, seq, request_id, mutating, reply)
+        if mutating and self._published is not None:
+            self._published.set_result(None)
+            self._published = None
+
+    async def snapshot(self, engine: Engine, adapter_id: str, seq: int) -> list[Records]:
+        """Write the adapter's state as of ``seq`` through a save barrier (after create and load)."""
+        started = time.perf_counter()
+        path = self.store.snapshot_path(adapter_id, seq)
+        async with self.lock(adapter_id):
+            try:
+                saved = await engine.submit(SaveState(adapter_id, path, include_optimizer=True))
+            except HotLoraError as err:  # e.g. the create failed: no state to keep; the seq is used up anyway
+                log.info("snapshot_skipped", adapter_id=adapter_id, seq=seq, error=str(err))
+                return self.ledger.covered(adapter_id, seq, snapshot_written=False)
+            return await self._commit(adapter_id, seq, saved.version, Path(saved.path), started)
+
+    async def persist(self, base: str | Path, adapter_id: str, seq: int, state: Any) -> list[Records]:
+        """Write an optim_step's captured state as the adapter's snapshot at ``seq`` (file I/O in a thread)."""
+        started = time.perf_counter()
+        path = self.store.snapshot_path(adapter_id, seq)
+        async with self.lock(adapter_id):
+            if seq <= self.ledger.durable_seq(adapter_id):
+                return []
+            try:
+                await asyncio.to_thread(save_checkpoint, path, adapter_id, state, base)
+            except OSError as err:
+                log.error("snapshot_failed", adapter_id=adapter_id, seq=seq, error=str(err))
+                return []
+            return await self._commit(adapter_id, seq, state.version, path, started)
+
+    async def _commit(self, adapter_id: str, seq: int, version: int, path: Path, started: float) -> list[Records]:
+        """Wait for the replies the snapshot stores, then make it current."""
+        deadline = time.monotonic() + REPLY_WAIT_S
+        while self.ledger.unpublished(adapter_id, seq):
+            if self._published is None:
+                self._published = asyncio.get_running_loop().create_future()
+            try:
+                await asyncio.wait_for(asyncio.shield(self._published), deadline - time.monotonic())
+            except TimeoutError:  # a reply that never went out: keep the state; that request answers `duplicate`
+                log.error("snapshot_reply_wait_timeout", adapter_id=adapter_id, seq=seq)
+                break
+        replies = self.ledger.replies(adapter_id)
+        try:
+            await asyncio.to_thread(self.store.commit, adapter_id, seq, version, path, replies)
+        except OSError as err:  # a delete of the adapter raced this snapshot and removed its directory
+            log.warning("snapshot_abandoned", adapter_id=adapter_id, seq=seq, error=str(err))
+            return self.ledger.covered(adapter_id, seq, snapshot_written=False)
+        seconds = time.perf_counter() - started
+        log.info("snapshot_written", adapter_id=adapter_id, seq=seq, version=version, seconds=seconds)
+        return self.ledger.covered(adapter_id, seq)
+
+    async def advance(self) -> list[Records]:
+        """Move durable marks over answered requests that changed nothing (``advance_point``)."""
+        done: list[Records] = []
+        for adapter_id, point in self.ledger.advances():
+            async with self.lock(adapter_id):
+                if point <= self.ledger.durable_seq(adapter_id):
+                    continue
+                try:
+                    moved = await asyncio.to_thread(self.store.advance, adapter_id, point)
+                except OSError as err:
+                    log.error("advance_failed", adapter_id=adapter_id, seq=point, error=str(err))
+                    continue
+            if moved:
+                done += self.ledger.advanced(adapter_id, point)
+        return done
+
+    async def remove(self, adapter_id: str) -> list[Records]:
+        """The adapter was deleted: its snapshots go (after those of its earlier steps, never before)."""
+        async with self.lock(adapter_id):
+            await asyncio.to_thread(self.store.remove, adapter_id)
+        return self.ledger.forget(adapter_id)
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
