@@ -41,6 +41,8 @@ from hotlora.engine.checkpoint import save_checkpoint
 from hotlora.engine.core import Engine
 from hotlora.engine.kafka.ledger import MAX_REPLIES, DurableLedger
 from hotlora.engine.types import SaveState
+from hotlora.schemas import messages as wire
+from hotlora.schemas.codec import decode
 from hotlora.schemas.errors import HotLoraError
 
 log = structlog.get_logger("hotlora.service")
@@ -183,6 +185,26 @@ class Durability:
         if mutating and self._published is not None:
             self._published.set_result(None)
             self._published = None
+
+    def stored_reply(self, message: wire.RequestMessage) -> wire.ResultMessage | None:
+        """The kept reply of a mutating request re-read after the result cache dropped it."""
+        stored = self.ledger.stored_reply(message.adapter_id, message.request_id)
+        return None if stored is None else decode(stored)  # type: ignore[return-value]
+
+    def reply_if_applied(self, message: wire.RequestMessage) -> wire.ResultMessage | None:
+        """The answer to a state-changing request a current snapshot already covers: its stored reply,
+        or ``duplicate`` once that reply is no longer kept; None if the request is not applied yet."""
+        if message.seq > self.ledger.durable_seq(message.adapter_id):
+            return None
+        return self.stored_reply(message) or wire.Error(
+            request_id=message.request_id,
+            adapter_id=message.adapter_id,
+            seq=message.seq,
+            reply_to=message.reply_to,
+            code="duplicate",
+            message=f"seq {message.seq} of adapter {message.adapter_id!r} was already applied; its reply is "
+            "no longer kept",
+        )
 
     async def snapshot(self, engine: Engine, adapter_id: str, seq: int) -> list[Records]:
         """Write the adapter's state as of ``seq`` through a save barrier (after create and load)."""

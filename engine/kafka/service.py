@@ -94,6 +94,32 @@ def _transport_bytes(config: ServiceConfig) -> int:
     return max(MAX_MESSAGE_BYTES, 2 * config.max_message_bytes + (1 << 20))
 
 
+# ----- 2. decode (a pure function: bytes in, a typed request or ``bad_message`` out) -----
+
+
+def decode_request(value: bytes, limit: int) -> wire.RequestMessage:
+    """The typed request in a record's ``value``; a ``SchemaError`` (``bad_message``) for anything else."""
+    if len(value) > limit:
+        raise reject(f"record of {len(value)} bytes exceeds max_message_bytes={limit}", value)
+    message = decode(value)
+    if not message.request_id:
+        raise SchemaError("request_id must be a non-empty string", adapter_id=message.adapter_id)
+    if message.reply_to and not is_topic_name(message.reply_to):  # answered on the shared results topic
+        raise SchemaError(
+            f"reply_to {message.reply_to[:100]!r} is not a Kafka topic name ([A-Za-z0-9._-], 1-249 chars)",
+            request_id=message.request_id,
+            adapter_id=message.adapter_id,
+        )
+    if not isinstance(message, wire.Request):
+        raise SchemaError(
+            f"{wire.tag_of(type(message))!r} is not a request",
+            request_id=message.request_id,
+            adapter_id=message.adapter_id,
+            reply_to=message.reply_to,
+        )
+    return message
+
+
 class EngineService:
     """Run with ``await service.run()``; ``request_stop()`` starts the graceful shutdown."""
 
@@ -309,7 +335,7 @@ class EngineService:
         records = [(partition, record.offset)]
         received = wire.now_ms()
         try:
-            message = self._decode(record.value or b"")
+            message = decode_request(record.value or b"", self.config.max_message_bytes)
         except SchemaError as err:
             self._tasks.spawn(self._dead_letter(partition, record, err, received))
             self._release(self._sequencer.skip(err.adapter_id, salvage_seq(record.value), time.monotonic()))
@@ -320,30 +346,7 @@ class EngineService:
             return
         self._sequence(message, records, received)
 
-    # ----- 2. decode -----
-
-    def _decode(self, value: bytes) -> wire.RequestMessage:
-        """The typed request in ``value``; a ``SchemaError`` (``bad_message``) for anything else."""
-        limit = self.config.max_message_bytes
-        if len(value) > limit:
-            raise reject(f"record of {len(value)} bytes exceeds max_message_bytes={limit}", value)
-        message = decode(value)
-        if not message.request_id:
-            raise SchemaError("request_id must be a non-empty string", adapter_id=message.adapter_id)
-        if message.reply_to and not is_topic_name(message.reply_to):  # answered on the shared results topic
-            raise SchemaError(
-                f"reply_to {message.reply_to[:100]!r} is not a Kafka topic name ([A-Za-z0-9._-], 1-249 chars)",
-                request_id=message.request_id,
-                adapter_id=message.adapter_id,
-            )
-        if not isinstance(message, wire.Request):
-            raise SchemaError(
-                f"{wire.tag_of(type(message))!r} is not a request",
-                request_id=message.request_id,
-                adapter_id=message.adapter_id,
-                reply_to=message.reply_to,
-            )
-        return message
+    # ----- 2. decode: ``decode_request`` above, then duplicates -----
 
     def _first_copy(self, message: wire.RequestMessage, records: Records) -> bool:
         """False for a copy of a request already answered (answered again) or still in flight (ignored)."""
@@ -490,33 +493,20 @@ class EngineService:
         self._finish([records])
 
     def _already_durable(self, message: wire.RequestMessage, records: Records) -> bool:
-        """A mutating request a current snapshot already covers (re-delivered after a restart): answer
-        it from the stored reply, never apply it again."""
-        if not (message.seq and isinstance(message, MUTATING)) or message.seq > self.durable_seq(message.adapter_id):
+        """A mutating request a current snapshot already covers (re-delivered after a restart): answered
+        from the stored reply, never applied again."""
+        if self.durability is None or not (message.seq and isinstance(message, MUTATING)):
             return False
-        stored = self._stored_reply(message)
-        if stored is not None:
-            reply = stored
-        else:
-            reply = wire.Error(
-                request_id=message.request_id,
-                adapter_id=message.adapter_id,
-                seq=message.seq,
-                reply_to=message.reply_to,
-                code="duplicate",
-                message=f"seq {message.seq} of adapter {message.adapter_id!r} was already applied; its reply is "
-                "no longer kept",
-            )
-        log.info("duplicate_already_durable", request_id=message.request_id, seq=message.seq, stored=bool(stored))
-        self._tasks.spawn(self._answer_now(reply, records))  # type: ignore[arg-type]
+        reply = self.durability.reply_if_applied(message)
+        if reply is None:
+            return False
+        stored = not (isinstance(reply, wire.Error) and reply.code == "duplicate")
+        log.info("duplicate_already_durable", request_id=message.request_id, seq=message.seq, stored=stored)
+        self._tasks.spawn(self._answer_now(reply, records))
         return True
 
     def _stored_reply(self, message: wire.RequestMessage) -> wire.ResultMessage | None:
-        """The kept reply of a mutating request re-read after the result cache dropped it."""
-        if self.durability is None:
-            return None
-        stored = self.durability.ledger.stored_reply(message.adapter_id, message.request_id)
-        return None if stored is None else decode(stored)  # type: ignore[return-value]
+        return None if self.durability is None else self.durability.stored_reply(message)
 
     async def _dead_letter(
         self, partition: TopicPartition, record: ConsumerRecord[Any, Any], err: SchemaError, received_at_ms: int
