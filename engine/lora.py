@@ -79,8 +79,10 @@ class LoraContext:
     layers: dict[str, MultiLoRALinear] = field(default_factory=dict)
 
 
-# ``auto`` takes the stacked path at or below this many tokens (decode), above it the grouped path
-# where ``grouped_mm_fast`` holds, else the segment path.
+# ``auto`` takes the stacked path at or below this many tokens when no gradient is being recorded
+# (decode, prefill), else the grouped path where ``grouped_mm_fast`` holds, else the segment path.
+# Training never stacks: a stacked product's shape depends on which other adapters share the batch,
+# which changes a row's last bits with its partners; a segment's product does not (tests/test_training.py).
 STACKED_MAX_TOKENS = 256
 # ``torch._grouped_mm`` on CUDA reads its operands with TMA: every pointer and every row stride must be a
 # multiple of 16 bytes (GroupedMMUtils.h). The rank is zero-padded to a multiple of this many bytes.
@@ -157,7 +159,7 @@ class MultiLoRALinear(nn.Module):
         if backend == "auto":
             if len(active) == 1:
                 backend = "segment"
-            elif x.numel() // x.shape[-1] <= STACKED_MAX_TOKENS:
+            elif x.numel() // x.shape[-1] <= STACKED_MAX_TOKENS and not torch.is_grad_enabled():
                 backend = "stacked"
             else:
                 backend = "grouped" if grouped_mm_fast(x, self.in_features, self.out_features) else "segment"

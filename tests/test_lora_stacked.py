@@ -64,12 +64,15 @@ def test_auto_stacks_few_tokens_and_segments_many(monkeypatch: pytest.MonkeyPatc
     layer, context, _ = make_layer()
     small = torch.randn(len(SLOTS), 2, 32)
     large = torch.randn(len(SLOTS), lora_module.STACKED_MAX_TOKENS // len(SLOTS) + 1, 32)
-    for x in (small, large):
-        with lora_batch(context, SLOTS):
-            layer(x)
-    with lora_batch(context, [1] * len(SLOTS)):
-        layer(small)  # one adapter: nothing to stack
-    assert chosen == ["_delta_stacked", "_add_delta_segments", "_add_delta_segments"]
+    with torch.no_grad():
+        for x in (small, large):
+            with lora_batch(context, SLOTS):
+                layer(x)
+        with lora_batch(context, [1] * len(SLOTS)):
+            layer(small)  # one adapter: nothing to stack
+    with lora_batch(context, SLOTS):
+        layer(small)  # recording gradients (training): never stacked, so partners cannot change a row's bits
+    assert chosen == ["_delta_stacked", "_add_delta_segments", "_add_delta_segments", "_add_delta_segments"]
 
 
 def test_stacked_factors_are_reused_until_a_weight_changes() -> None:
