@@ -139,6 +139,12 @@ def _cmd_engine(args: argparse.Namespace) -> int:
     return engine_main(config)
 
 
+def _cmd_gateway(args: argparse.Namespace) -> int:
+    from hotlora.gateway.launch import main as gateway_main
+
+    return gateway_main(args)
+
+
 def _cmd_topics(args: argparse.Namespace) -> int:
     import asyncio
 
@@ -327,6 +333,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_engine_arguments(engine)
     engine.set_defaults(func=_cmd_engine)
+
+    gateway = commands.add_parser(
+        "gateway", help="a Tinker-compatible HTTP API (the tinker SDK and cookbook) in front of the engine"
+    )
+    from hotlora.gateway.launch import add_arguments as add_gateway_arguments
+
+    add_gateway_arguments(gateway)
+    gateway.set_defaults(func=_cmd_gateway)
 
     from hotlora.replay.cli import add_commands as add_replay_commands
 
