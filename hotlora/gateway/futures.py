@@ -16,7 +16,6 @@ and the engine runs an adapter's requests in ``seq`` order.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import secrets
 import time
@@ -96,8 +95,7 @@ class FutureTable:
     async def wait(self, entry: Entry, timeout: float) -> bool:
         """True once the entry is done (within ``timeout``)."""
         if not entry.future.done():
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(asyncio.shield(entry.future), timeout)
+            await asyncio.wait({entry.future}, timeout=timeout)  # returns, never raises, the future's outcome
         if entry.future.done() and entry.retrieved_at is None:
             entry.retrieved_at = time.monotonic()
         return entry.future.done()

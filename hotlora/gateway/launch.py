@@ -58,34 +58,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 async def engine_status(bootstrap: str, topic_prefix: str, timeout: float = ENGINE_READY_TIMEOUT_S) -> EngineStatus:
-    """The latest running engine's status on ``{prefix}.metrics`` (waiting for the first one if none yet)."""
-    from aiokafka import AIOKafkaConsumer, TopicPartition
+    """A running engine's status on ``{prefix}.metrics``: the latest one there, or the first one to come."""
+    from aiokafka import AIOKafkaConsumer
 
     from hotlora.engine.kafka_security import kafka_kwargs
     from hotlora.schemas import EngineStatus, SchemaError, Topics, decode
 
     topic = Topics(topic_prefix).metrics
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, **kafka_kwargs())
+    # Subscribed (without a group): the consumer learns the topic's partitions whenever it appears, and reads
+    # each from its start. (A consumer that assigns by hand must know the partitions, which aiokafka never
+    # learns for a topic created after it started.)
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        metadata_max_age_ms=500,
+        **kafka_kwargs(),
+    )
     await consumer.start()
-    latest: EngineStatus | None = None
     try:
         async with asyncio.timeout(timeout):
-            while topic not in await consumer.topics():
-                await asyncio.sleep(0.2)
-            partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or {0})]
-            consumer.assign(partitions)
-            await consumer.seek_to_beginning(*partitions)
-            end = await consumer.end_offsets(partitions)
-            while True:
+            latest: EngineStatus | None = None
+            while latest is None or latest.state != "running":
                 for records in (await consumer.getmany(timeout_ms=200)).values():
                     for record in records:
                         with contextlib.suppress(SchemaError):
                             message = decode(record.value)
-                            if isinstance(message, EngineStatus) and message.state in ("starting", "running"):
+                            if isinstance(message, EngineStatus):
                                 latest = message
-                caught_up = all([await consumer.position(tp) >= end[tp] for tp in partitions])
-                if latest is not None and (caught_up or latest.state == "running"):
-                    return latest
+            return latest
     finally:
         await consumer.stop()
 

@@ -27,7 +27,7 @@ import structlog
 
 from hotlora.engine.errors import HotLoraError
 from hotlora.gateway.tenants import Tenant
-from hotlora.gateway.tinker_api import Checkpoint
+from hotlora.gateway.tinker_api import Checkpoint, missing
 
 log = structlog.get_logger("hotlora.gateway")
 T = TypeVar("T")
@@ -108,12 +108,17 @@ class FrozenCopies:
         path = copy.checkpoint.storage_path(copy.tenant.identity.principal)
         copy.tenant.created(copy.adapter_id)
         try:
-            await client.load_state(copy.adapter_id, path)
+            try:
+                await client.load_state(copy.adapter_id, path)
+            except HotLoraError as err:
+                if err.code != "capacity_exceeded" or not self.retire_idle(force=True):
+                    raise
+                await asyncio.gather(*self._retiring, return_exceptions=True)
+                await client.load_state(copy.adapter_id, path)
         except HotLoraError as err:
-            if err.code != "capacity_exceeded" or not self.retire_idle(force=True):
-                raise
-            await asyncio.gather(*self._retiring, return_exceptions=True)
-            await client.load_state(copy.adapter_id, path)
+            if err.code == "checkpoint_error":
+                raise missing(copy.checkpoint) from None
+            raise
         self.loads += 1
         log.info("frozen_copy_loaded", adapter_id=copy.adapter_id, checkpoint=copy.checkpoint.tinker_path)
 

@@ -18,6 +18,7 @@ import contextlib
 import os
 import secrets
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -83,6 +84,7 @@ class Gateway:
         self._sessions: dict[str, float] = {}  # session id -> last heartbeat (monotonic)
         self._background: list[asyncio.Task[None]] = []
         self._events_client: HotLoraClient | None = None
+        self.stats: Counter[str] = Counter()  # requests by kind and encoding, for logs and tests
 
     # ----- lifecycle -----
 
@@ -261,7 +263,7 @@ class Gateway:
         weights = np.zeros(datum.tokens.size, np.float32) if zero_weights else inputs.get("weights")
 
         def tensor(values: np.ndarray | None) -> torch.Tensor | None:
-            return None if values is None else torch.from_numpy(np.ascontiguousarray(values))
+            return None if values is None else torch.from_numpy(np.array(values))  # a writable copy
 
         return Datum.create(
             tensor(datum.tokens),
@@ -351,7 +353,12 @@ class Gateway:
                 tenant.created(adapter_id)
             # The engine restores the optimizer state whenever the checkpoint has it, including for
             # load_state without optimizer (docs/tinker.md).
-            await tenant.client.load_state(adapter_id, path)
+            try:
+                await tenant.client.load_state(adapter_id, path)
+            except HotLoraError as err:
+                if err.code == "checkpoint_error":
+                    raise api.missing(checkpoint) from None
+                raise
             return {"path": checkpoint.tinker_path, "model_id": model_id, "type": "load_weights"}
 
         lane = None if new_model else adapter_id
@@ -364,7 +371,12 @@ class Gateway:
         if info is None:  # the training model is gone: read the rank by loading the checkpoint once
             probe = f"{checkpoint.adapter_id}.wi-{secrets.token_hex(4)}"
             tenant.created(probe)
-            info = await tenant.client.load_state(probe, checkpoint.storage_path(identity.principal))
+            try:
+                info = await tenant.client.load_state(probe, checkpoint.storage_path(identity.principal))
+            except HotLoraError as err:
+                if err.code != "checkpoint_error":
+                    raise
+                raise api.missing(checkpoint) from None
             await tenant.client.delete_adapter(probe)
         return {
             "base_model": self.config.base_model,
@@ -559,7 +571,9 @@ def build_app(gateway: Gateway) -> web.Application:
 
     async def forward_backward(request: web.Request) -> web.Response:
         identity = identity_of(request)
-        if PROTOBUF in request.headers.get("Content-Type", ""):
+        protobuf = PROTOBUF in request.headers.get("Content-Type", "")
+        gateway.stats[f"forward_backward:{'protobuf' if protobuf else 'json'}"] += 1
+        if protobuf:
             raw = await request.read()
             if request.headers.get("Content-Encoding", "").lower() == "zstd":
                 raw = _unzstd(raw)

@@ -147,6 +147,11 @@ class Checkpoint:
         return f"{self.kind}/{self.name}"
 
 
+def missing(checkpoint: Checkpoint) -> TinkerError:
+    """What a caller hears about a checkpoint the engine cannot read under its principal: never the storage path."""
+    return TinkerError(f"checkpoint {checkpoint.tinker_path} not found", status=404)
+
+
 def check_name(name: str) -> str:
     if not isinstance(name, str) or not NAME_RE.match(name):
         raise TinkerError(
