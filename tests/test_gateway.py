@@ -343,3 +343,49 @@ def test_another_key_is_refused_on_every_verb(gateway: GatewayHarness) -> None:
     assert tc.optim_step(types.AdamParams(learning_rate=1e-2)).result().metrics["version"] == 2.0
     http.close()
     sc.close("success").result()
+
+
+# ----- several gateways -----
+
+
+def test_a_second_gateway_serves_the_same_models(gateway: GatewayHarness, tmp_path: Path) -> None:
+    """Gateways keep no model state: a training client that moves to another gateway (its own restarted, or
+    a load balancer failed over) continues its model in order there, and samples the same checkpoints. Only
+    futures are local. (One training client goes through one gateway at a time: see docs/tinker.md.)"""
+    other = GatewayHarness(gateway.bootstrap, gateway.prefix, gateway.model, gateway.checkpoint_dir, with_engine=False)
+    with other:
+        first = service(gateway)
+        tc = first.create_lora_training_client(base_model=str(gateway.model), rank=4, seed=8).result()
+        data = [sft_datum(tokens) for tokens in SFT_DATA]
+        for _ in range(2):
+            tc.forward_backward(data, "cross_entropy")
+            tc.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+        sampler_path = tc.save_weights_for_sampler("moved").result().path
+        greedy = types.SamplingParams(max_tokens=5, temperature=0.0)
+        prompt = types.ModelInput.from_ints([5, 9])
+        expected = first.create_sampling_client(model_path=sampler_path).result().sample(prompt, 1, greedy).result()
+
+        # The same model through the second gateway: the client there resumes the adapter's seq first.
+        second = service(other)
+        moved = tinker.TrainingClient(second.holder, model_seq_id=0, model_id=tc.model_id, info=tc.get_info())
+        out = moved.forward_backward(data, "cross_entropy").result()
+        assert math.isfinite(out.metrics["loss:sum"])
+        assert moved.optim_step(types.AdamParams(learning_rate=1e-2)).result().metrics["version"] == 3.0
+        sampled = second.create_sampling_client(model_path=sampler_path).result().sample(prompt, 1, greedy).result()
+        assert sampled.sequences[0].tokens == expected.sequences[0].tokens
+        listed = tinker.RestClient(base_url=other.base_url, api_key=ALICE).list_checkpoints(tc.model_id).result()
+        assert sampler_path in {c.tinker_path for c in listed.checkpoints}
+        assert moved.optim_step(types.AdamParams(learning_rate=1e-2)).result().metrics["version"] == 4.0
+
+        # A future lives only in the gateway process that made it: elsewhere it is 410 Gone, not a hang.
+        request_id = httpx.post(
+            f"{gateway.base_url}/api/v1/asample",
+            headers={"X-API-Key": ALICE},
+            json={"base_model": str(gateway.model), "prompt": {"chunks": [{"tokens": [5]}]}, "sampling_params": {}},
+        ).json()["request_id"]
+        gone = httpx.post(
+            f"{other.base_url}/api/v1/retrieve_future", headers={"X-API-Key": ALICE}, json={"request_id": request_id}
+        )
+        assert gone.status_code == 410 and "restarted" in gone.json()["detail"]
+        second.close("success").result()
+        first.close("success").result()

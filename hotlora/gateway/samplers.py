@@ -72,7 +72,7 @@ class FrozenCopies:
                     raise
                 # Retired meanwhile by another gateway (or the engine restarted): load it again, once.
                 copy.loaded = None
-                await self._loaded(copy)
+                await self._loaded(copy, reload=True)
                 return await call(adapter_id)
         finally:
             copy.users -= 1
@@ -93,9 +93,9 @@ class FrozenCopies:
         if copy is not None:
             self._retire(copy)
 
-    async def _loaded(self, copy: _Copy) -> None:
+    async def _loaded(self, copy: _Copy, reload: bool = False) -> None:
         if copy.loaded is None:
-            copy.loaded = asyncio.create_task(self._load(copy))
+            copy.loaded = asyncio.create_task(self._load(copy, reload))
         try:
             await asyncio.shield(copy.loaded)
         except BaseException:
@@ -103,10 +103,15 @@ class FrozenCopies:
                 copy.loaded = None  # the next use tries again
             raise
 
-    async def _load(self, copy: _Copy) -> None:
+    async def _load(self, copy: _Copy, reload: bool) -> None:
         client = copy.tenant.client
         path = copy.checkpoint.storage_path(copy.tenant.identity.principal)
+        # Another gateway may have loaded this copy already (same id, same immutable weights): then use it.
+        # Asking also continues the adapter's seq after the engine's last, whoever sent that.
+        present = await client.resume(copy.adapter_id)
         copy.tenant.created(copy.adapter_id)
+        if present is not None and not reload:
+            return
         try:
             try:
                 await client.load_state(copy.adapter_id, path)
