@@ -204,6 +204,12 @@ def _cmd_bench_soak(args: argparse.Namespace) -> int:
     return bench_soak_main(args)
 
 
+def _cmd_bench_gateway(args: argparse.Namespace) -> int:
+    from hotlora.benchmarks.gateway import main as bench_gateway_main
+
+    return bench_gateway_main(args)
+
+
 def _cmd_bench_migration(args: argparse.Namespace) -> int:
     from hotlora.benchmarks.migration import main as bench_migration_main
 
@@ -228,6 +234,11 @@ BENCHES = (
         "soak",
         "N tenants' mixed RL loop for M minutes: the engine's RSS over time, answered requests, errors",
         _cmd_bench_soak,
+    ),
+    (
+        "gateway",
+        "the Tinker gateway's per-call overhead over the direct Kafka client: a tiny call and an RL step",
+        _cmd_bench_gateway,
     ),
     (
         "migration",

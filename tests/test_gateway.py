@@ -237,8 +237,10 @@ def test_calls_the_gateway_cannot_serve_fail_at_once_with_the_reason(gateway: Ga
     tc = sc.create_lora_training_client(base_model=str(gateway.model), rank=4, seed=1).result()
     sampler = tc.save_weights_and_get_sampling_client().result()
     started = time.monotonic()
-    with pytest.raises(tinker.BadRequestError, match="prompt_logprobs"):
-        sampler.compute_logprobs(types.ModelInput.from_ints([5, 9, 17])).result()
+    with pytest.raises(tinker.BadRequestError, match="topk_prompt_logprobs"):
+        sampler.sample(
+            types.ModelInput.from_ints([5, 9, 17]), 1, types.SamplingParams(max_tokens=2), topk_prompt_logprobs=3
+        ).result()
     rl = types.Datum(
         model_input=types.ModelInput.from_ints([5, 9]),
         loss_fn_inputs={
@@ -257,6 +259,30 @@ def test_calls_the_gateway_cannot_serve_fail_at_once_with_the_reason(gateway: Ga
         sc.create_lora_training_client(base_model="Qwen/Qwen3-8B", rank=4).result()
     assert time.monotonic() - started < 30
     sc.close("errored").result()
+
+
+def test_compute_logprobs_scores_the_prompt_with_the_samplers_weights(gateway: GatewayHarness) -> None:
+    sc = service(gateway)
+    tc = sc.create_lora_training_client(base_model=str(gateway.model), rank=4, seed=6).result()
+    tokens = [5, 9, 17, 40, 41]
+    data = [sft_datum(tokens, prompt_len=0)]
+    base_forward = np.asarray(tc.forward(data, "cross_entropy").result().loss_fn_outputs[0]["logprobs"].data)
+    base = sc.create_sampling_client(base_model=str(gateway.model)).result()
+    scored = base.compute_logprobs(types.ModelInput.from_ints(tokens)).result()
+    assert scored[0] is None and len(scored) == len(tokens)
+    np.testing.assert_allclose(scored[1:], base_forward, atol=1e-5)  # a fresh LoRA is the base model exactly
+    for _ in range(3):
+        tc.forward_backward(data, "cross_entropy")
+        tc.optim_step(types.AdamParams(learning_rate=2e-2))
+    trained = tc.save_weights_and_get_sampling_client().result()
+    expected = np.asarray(tc.forward(data, "cross_entropy").result().loss_fn_outputs[0]["logprobs"].data)
+    np.testing.assert_allclose(
+        trained.compute_logprobs(types.ModelInput.from_ints(tokens)).result()[1:], expected, atol=1e-5
+    )
+    last = trained.compute_logprobs(types.ModelInput.from_ints(tokens), prompt_logprobs_last_n=2).result()
+    assert last[:3] == [None, None, None]
+    np.testing.assert_allclose(last[3:], expected[-2:], atol=1e-5)
+    sc.close("success").result()
 
 
 # ----- tenancy -----

@@ -218,7 +218,10 @@ def test_datums_the_engine_cannot_train_on_yet_are_refused_with_the_reason() -> 
     with pytest.raises(TinkerError, match="needs logprobs and advantages"):
         api.check_datum("importance_sampling", 0, api.TDatum(tokens, {"target_tokens": tokens}))
     with pytest.raises(TinkerError, match="not supported"):
-        api.check_sample_extras({"prompt_logprobs": True})
+        api.prompt_logprobs_request({"topk_prompt_logprobs": 5}, 4)
+    assert api.prompt_logprobs_request({"prompt_logprobs": True}, 4) == 3
+    assert api.prompt_logprobs_request({"prompt_logprobs": True, "prompt_logprobs_last_n": 2}, 4) == 2
+    assert api.prompt_logprobs_request({}, 4) is None
     params = api.sample_params({"sampling_params": {"stop": [5, 7], "top_k": -1, "seed": 2**64 - 1}})
     assert (params.stop, params.top_k, params.max_tokens) == ((5, 7), 0, api.DEFAULT_MAX_TOKENS)
     assert 0 <= params.seed < 2**63

@@ -290,8 +290,9 @@ class OutSequence:
     stop_reason: str
 
 
-def write_sample_response(sequences: list[OutSequence]) -> bytes:
-    """``tinker_public.SampleResponse`` with the sampled sequences (no prompt logprobs)."""
+def write_sample_response(sequences: list[OutSequence], prompt_logprobs: np.ndarray | None = None) -> bytes:
+    """``tinker_public.SampleResponse``: the sampled sequences, and the prompt's logprobs if asked for (float32,
+    NaN where a position has none)."""
     out = bytearray()
     for seq in sequences:
         body = bytearray()
@@ -300,6 +301,8 @@ def write_sample_response(sequences: list[OutSequence]) -> bytes:
         if seq.logprobs is not None:
             _put_bytes(body, 3, np.ascontiguousarray(seq.logprobs, dtype="<f4").tobytes())
         _put_bytes(out, 1, body)
+    if prompt_logprobs is not None:
+        _put_bytes(out, 2, np.ascontiguousarray(prompt_logprobs, dtype="<f4").tobytes())
     return bytes(out)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import os
 import secrets
 import time
@@ -82,6 +83,7 @@ class Gateway:
         self.checkpoints = CheckpointIndex()
         self._tenants: dict[str, asyncio.Future[Tenant]] = {}
         self._sessions: dict[str, float] = {}  # session id -> last heartbeat (monotonic)
+        self._scorers: dict[str, asyncio.Future[str]] = {}  # principal -> its base-model scoring adapter
         self._background: list[asyncio.Task[None]] = []
         self._events_client: HotLoraClient | None = None
         self.stats: Counter[str] = Counter()  # requests by kind and encoding, for logs and tests
@@ -448,12 +450,12 @@ class Gateway:
         else:
             self.check_base_model(api.field_of(body, "base_model", str, None))
             target = None
-        api.check_sample_extras(body)
         tinker_params = api.sample_params(body)
         prompt = api.tokens_from_json(body.get("prompt"), "prompt").tolist()
         n = api.field_of(body, "num_samples", int, 1)
         if not prompt:
             raise TinkerError("the prompt is empty")
+        score_last = api.prompt_logprobs_request(body, len(prompt))
         try:
             params = SamplingParams(
                 max_tokens=tinker_params.max_tokens, temperature=tinker_params.temperature, top_p=tinker_params.top_p,
@@ -465,17 +467,54 @@ class Gateway:
             raise TinkerError(f"num_samples must be >= 1, got {n}")
 
         async def work(tenant: Tenant) -> api.SampleResult:
-            async def sample(adapter_id: str | None) -> Any:
-                return await tenant.client.sample(adapter_id, prompt, n, params)
+            async def sample(adapter_id: str | None) -> tuple[Any, np.ndarray | None]:
+                sampled = tenant.client.sample(adapter_id, prompt, n, params)
+                if score_last is None:
+                    return await sampled, None
+                scorer = adapter_id or await self._base_scorer(tenant)
+                return await asyncio.gather(sampled, self._prompt_logprobs(tenant, scorer, prompt, score_last))
 
-            out = await (sample(None) if target is None else self.frozen.use(tenant, target, sample))
-            return api.SampleResult([
+            out, prompt_lp = await (sample(None) if target is None else self.frozen.use(tenant, target, sample))
+            sequences = [
                 proto.OutSequence(np.asarray(s.tokens, np.int32), np.asarray(s.logprobs, np.float32), s.stop_reason)
                 for s in out.sequences
-            ])  # fmt: skip
+            ]
+            return api.SampleResult(sequences, prompt_lp)
 
         request_id = self.start_work(identity, work)
         return {"request_id": request_id, "sample_sequence_ids": [f"{request_id}:{i}" for i in range(n)]}
+
+    @staticmethod
+    async def _prompt_logprobs(tenant: Tenant, adapter_id: str, prompt: list[int], last_n: int) -> np.ndarray:
+        """The prompt's logprobs under ``adapter_id``: a forward through the trainer (cross-entropy with all
+        weights 0: the logprobs, and exactly no gradient), NaN for the first token and any before ``last_n``."""
+        scored = np.full(len(prompt), np.nan, dtype=np.float32)
+        if last_n > 0:
+            datum = Datum.create(prompt[:-1], prompt[1:], [0.0] * (len(prompt) - 1))
+            out = await tenant.client.forward_backward(adapter_id, [datum], "cross_entropy")
+            scored[len(prompt) - last_n :] = out.logprobs[0].numpy()[-last_n:]
+        return scored
+
+    async def _base_scorer(self, tenant: Tenant) -> str:
+        """An adapter that is the base model exactly (LoRA's B starts at zero and is never trained), on which
+        the tenant's base-model sampling clients score prompts; made once per tenant, shared by gateways."""
+        pending = self._scorers.get(tenant.identity.principal)
+        if pending is None or (pending.done() and pending.exception() is not None):
+            pending = self._scorers[tenant.identity.principal] = asyncio.ensure_future(self._make_scorer(tenant))
+        return await pending
+
+    @staticmethod
+    async def _make_scorer(tenant: Tenant) -> str:
+        adapter_id = f"base-{hashlib.sha256(tenant.identity.principal.encode()).hexdigest()[:16]}.scorer"
+        if await tenant.client.resume(adapter_id) is None:
+            tenant.created(adapter_id)
+            try:
+                await tenant.client.create_adapter(adapter_id, rank=1, alpha=1.0, targets=("q_proj",))
+            except HotLoraError as err:
+                if err.code != "adapter_exists":  # else another gateway made it first
+                    raise
+        tenant.created(adapter_id)
+        return adapter_id
 
     # ----- sessions -----
 

@@ -446,19 +446,26 @@ def sample_params(body: Mapping[str, Any]) -> SampleParams:
     )
 
 
-def check_sample_extras(body: Mapping[str, Any]) -> None:
-    """What the gateway's sampler cannot return: refuse it up front instead of silently leaving it out."""
-    if body.get("prompt_logprobs"):
-        raise unsupported("prompt_logprobs (compute_logprobs)")
+def prompt_logprobs_request(body: Mapping[str, Any], prompt_len: int) -> int | None:
+    """How many trailing prompt tokens to score (``prompt_logprobs``), None for none. Refuses up front what the
+    gateway cannot return, instead of silently leaving it out."""
     for name in ("topk_prompt_logprobs", "topk_sample_logprobs", "prompt_alt_tokens_k"):
         if body.get(name):
             raise unsupported(name)
     if body.get("target_prompt_logprobs") is not None:
         raise unsupported("target_prompt_logprobs")
-    if body.get("prompt_logprobs_last_n") is not None:
-        raise unsupported("prompt_logprobs_last_n")
     if body.get("record_stability_info"):
         raise unsupported("record_stability_info (StableReinforce)")
+    last_n = field_of(body, "prompt_logprobs_last_n", int, None)
+    if not body.get("prompt_logprobs"):
+        if last_n is not None:
+            raise TinkerError("prompt_logprobs_last_n needs prompt_logprobs")
+        return None
+    if last_n is None:
+        return prompt_len - 1
+    if not 1 <= last_n <= prompt_len - 1:
+        raise TinkerError(f"prompt_logprobs_last_n must lie in [1, {prompt_len - 1}] for this prompt, got {last_n}")
+    return last_n
 
 
 # ----- results -----
@@ -494,6 +501,7 @@ class FwdBwdResult:
 @dataclass
 class SampleResult:
     sequences: list[proto.OutSequence]
+    prompt_logprobs: np.ndarray | None = None  # one per prompt token, NaN where not scored (the first one)
 
     def json(self) -> dict[str, Any]:
         return {
@@ -506,11 +514,13 @@ class SampleResult:
                 }
                 for s in self.sequences
             ],
-            "prompt_logprobs": None,
+            "prompt_logprobs": None
+            if self.prompt_logprobs is None
+            else [None if math.isnan(x) else float(x) for x in self.prompt_logprobs],
         }
 
     def protobuf(self) -> bytes:
-        return proto.write_sample_response(self.sequences)
+        return proto.write_sample_response(self.sequences, self.prompt_logprobs)
 
 
 # Results the SDK may ask for as protobuf (``Accept: application/x-protobuf``).
