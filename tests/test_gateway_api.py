@@ -276,3 +276,12 @@ def test_futures_are_private_to_their_key_and_gone_after_a_restart() -> None:
         assert len(table) == 0
 
     asyncio.run(main())
+
+
+def test_any_principal_gets_a_valid_reply_topic() -> None:
+    from hotlora.gateway.server import Gateway, GatewayConfig
+    from hotlora.gateway.tenants import Identity
+
+    gateway = Gateway(GatewayConfig(bootstrap="127.0.0.1:1"))
+    client = gateway._new_client(Identity("team a/ü:x", "secret"))  # validates its reply topic's name
+    assert client.reply_topic.startswith("hotlora.replies.gw-") and client.principal == "team a/ü:x"

@@ -107,7 +107,8 @@ class Gateway:
             await client.close()
 
     def _new_client(self, identity: Identity | None) -> HotLoraClient:
-        suffix = identity.principal[-16:] if identity else "events"
+        # The reply topic is named after the client: a digest keeps any principal within topic-name characters.
+        suffix = hashlib.sha256(identity.principal.encode()).hexdigest()[:16] if identity else "events"
         return HotLoraClient(
             self.config.bootstrap,
             self.config.topic_prefix,
