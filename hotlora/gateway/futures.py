@@ -26,6 +26,7 @@ from typing import Any
 from hotlora.gateway.tinker_api import TinkerError
 
 RETRIEVED_GRACE_S = 60.0  # a retrieved result stays this long, for a poll retried after a dropped connection
+SWEEP_EVERY_S = 1.0
 
 
 @dataclass
@@ -44,12 +45,15 @@ class FutureTable:
         self._entries: dict[str, Entry] = {}
         self._counter = itertools.count(1)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._swept = time.monotonic()
 
     def __len__(self) -> int:
         return len(self._entries)
 
     def create(self, owner: str) -> Entry:
-        self.sweep()
+        now = time.monotonic()
+        if now - self._swept >= SWEEP_EVERY_S:  # not on every call: a sweep walks every entry
+            self.sweep(now)
         request_id = f"{self.gateway_id}-{next(self._counter)}-{secrets.token_hex(3)}"
         entry = Entry(request_id, owner, asyncio.get_running_loop().create_future())
         self._entries[request_id] = entry
@@ -102,6 +106,7 @@ class FutureTable:
 
     def sweep(self, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
+        self._swept = now
         stale = [
             rid
             for rid, e in self._entries.items()
