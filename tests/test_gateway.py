@@ -232,6 +232,38 @@ def test_forward_custom_loss_checkpoints_and_restore(gateway: GatewayHarness) ->
     sc.close("success").result()
 
 
+def test_top_k_cross_entropy_equals_its_columns_trained_alone(gateway: GatewayHarness) -> None:
+    """Targets of shape (N, K): -sum_t sum_k w[t,k] log p(x[t,k]), logprobs of shape (N, K)."""
+    sc = service(gateway)
+    tc = sc.create_lora_training_client(base_model=str(gateway.model), rank=4, seed=9).result()
+    tokens = [5, 9, 17, 40, 41]
+    targets = np.array([[9, 10], [17, 3], [40, 41], [41, 7]], dtype=np.int64)
+    weights = np.array([[0.7, 0.3], [1.0, 0.0], [0.5, 0.5], [0.9, 0.1]], dtype=np.float32)
+    top_k = types.Datum(
+        model_input=types.ModelInput.from_ints(tokens[:-1]),
+        loss_fn_inputs={"target_tokens": targets, "weights": weights},
+    )
+    out = tc.forward([top_k], "cross_entropy").result()
+    logprobs = out.loss_fn_outputs[0]["logprobs"]
+    assert logprobs.shape == [4, 2]
+    expected_loss = 0.0
+    for k in range(2):
+        column = types.Datum(
+            model_input=types.ModelInput.from_ints(tokens[:-1]),
+            loss_fn_inputs={"target_tokens": targets[:, k].copy(), "weights": weights[:, k].copy()},
+        )
+        alone = tc.forward([column], "cross_entropy").result()
+        np.testing.assert_allclose(
+            np.asarray(logprobs.data).reshape(4, 2)[:, k], alone.loss_fn_outputs[0]["logprobs"].data, atol=1e-6
+        )
+        expected_loss += alone.metrics["loss:sum"]
+    assert out.metrics["loss:sum"] == pytest.approx(expected_loss, rel=1e-5)
+    trained = tc.forward_backward([top_k], "cross_entropy").result()
+    assert trained.metrics["loss:sum"] == pytest.approx(expected_loss, rel=1e-5)
+    assert tc.optim_step(types.AdamParams(learning_rate=1e-2)).result().metrics["version"] == 1.0
+    sc.close("success").result()
+
+
 def test_calls_the_gateway_cannot_serve_fail_at_once_with_the_reason(gateway: GatewayHarness) -> None:
     sc = service(gateway)
     tc = sc.create_lora_training_client(base_model=str(gateway.model), rank=4, seed=1).result()

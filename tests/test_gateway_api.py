@@ -84,6 +84,12 @@ def test_results_decode_with_the_sdks_own_readers() -> None:
     output = deserialize_forward_backward_output(result.protobuf())
     assert output.metrics == {"loss:sum": 3.75}
     assert [o["logprobs"].tolist() for o in output.loss_fn_outputs] == [[-1.0, -2.5], [-0.25]]
+    mixed = api.FwdBwdResult(
+        [np.ones((3, 2), np.float32), np.ones(2, np.float32), np.zeros((1, 2), np.float32)], [1, 2, 3]
+    )
+    decoded = deserialize_forward_backward_output(mixed.protobuf())  # top-K outputs (N, K) beside 1-D ones
+    assert [o["logprobs"].shape for o in decoded.loss_fn_outputs] == [[3, 2], [2], [1, 2]]
+    assert mixed.json()["loss_fn_outputs"][0]["logprobs"]["shape"] == [3, 2]
     sample = api.SampleResult([
         proto.OutSequence(np.array([7, 8, 9], np.int32), np.array([-0.5, -1.5, -2.0], np.float32), "length"),
         proto.OutSequence(np.array([3], np.int32), np.array([-0.125], np.float32), "stop"),
@@ -206,9 +212,11 @@ def test_gateway_losses_follow_tinkers_formulas_and_equal_the_engines(loss_fn: s
 
 def test_datums_the_engine_cannot_train_on_yet_are_refused_with_the_reason() -> None:
     tokens = np.arange(4)
-    top_k = api.TDatum(tokens, {"target_tokens": np.zeros((4, 2), np.int64)})
+    top_k = api.TDatum(tokens, {"target_tokens": np.zeros((4, 2), np.int64), "weights": np.ones((4, 2), np.float32)})
+    api.check_datum("cross_entropy", 0, top_k)  # served as K datums
+    assert [c.inputs["target_tokens"].shape for c in api.columns(top_k)] == [(4,), (4,)]
     with pytest.raises(TinkerError, match=r"top-K"):
-        api.check_datum("cross_entropy", 0, top_k)
+        api.check_datum("importance_sampling", 0, top_k)
     clips = api.TDatum(tokens, {"target_tokens": tokens, "clip_low_threshold": np.zeros(4, np.float32)})
     with pytest.raises(TinkerError, match="per-datum"):
         api.check_datum("ppo", 0, clips)

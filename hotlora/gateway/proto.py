@@ -309,9 +309,31 @@ def write_sample_response(sequences: list[OutSequence], prompt_logprobs: np.ndar
 def write_forward_backward_output(
     per_datum: dict[str, list[np.ndarray]], metrics: dict[str, float], output_type: str = "ArrayRecord"
 ) -> bytes:
-    """``tinker_public.ForwardBackwardOutput`` holding one ``ArrayRecord``: for each output name, every datum's
-    1-D float32 array concatenated, with byte offsets marking where each datum's array starts."""
-    num_datums = len(next(iter(per_datum.values()), []))
+    """``tinker_public.ForwardBackwardOutput``: for each output name, every datum's float32 array concatenated,
+    with byte offsets marking where each datum's array starts. Datums whose arrays have the same trailing
+    shape (``(N,)``, or ``(N, K)`` for top-K targets) share one ``ArrayRecord``; a new record starts where it
+    changes, in datum order."""
+    out = bytearray()
+    _put_bytes(out, 1, output_type.encode())
+    names = list(per_datum)
+    count = len(per_datum[names[0]]) if names else 0
+    start = 0
+    while start < count:
+        trailing = per_datum[names[0]][start].shape[1:]
+        end = start + 1
+        while end < count and per_datum[names[0]][end].shape[1:] == trailing:
+            end += 1
+        _put_bytes(out, 2, _array_record(output_type, {n: per_datum[n][start:end] for n in names}, trailing))
+        start = end
+    for key, value in metrics.items():
+        entry = bytearray()
+        _put_bytes(entry, 1, key.encode())
+        _put_double(entry, 2, float(value))
+        _put_bytes(out, 3, entry)
+    return bytes(out)
+
+
+def _array_record(output_type: str, per_datum: dict[str, list[np.ndarray]], trailing: tuple[int, ...]) -> bytes:
     record = bytearray()
     _put_bytes(record, 1, output_type.encode())
     for name, arrays in per_datum.items():
@@ -321,17 +343,10 @@ def write_forward_backward_output(
         _put_bytes(tensor, 1, b"".join(parts))
         _put_bytes(tensor, 2, offsets.tobytes())
         _put_uint(tensor, 3, DTYPE_FLOAT32)
+        _put_packed(tensor, 4, list(trailing))
         entry = bytearray()
         _put_bytes(entry, 1, name.encode())
         _put_bytes(entry, 2, tensor)
         _put_bytes(record, 2, entry)
-    _put_uint(record, 3, num_datums)
-    out = bytearray()
-    _put_bytes(out, 1, output_type.encode())
-    _put_bytes(out, 2, record)
-    for key, value in metrics.items():
-        entry = bytearray()
-        _put_bytes(entry, 1, key.encode())
-        _put_double(entry, 2, float(value))
-        _put_bytes(out, 3, entry)
-    return bytes(out)
+    _put_uint(record, 3, len(next(iter(per_datum.values()), [])))
+    return bytes(record)

@@ -237,7 +237,9 @@ class Gateway:
                 raise TinkerError("forward_backward needs at least one datum")
             for i, datum in enumerate(request.data):
                 api.check_datum(request.loss_fn, i, datum)
-            datums = [self._engine_datum(d, zero_weights=request.forward_only) for d in request.data]
+            # Top-K targets (N, K): K datums over the same input (api.columns); their results are joined below.
+            columns = [api.columns(d) for d in request.data]
+            datums = [self._engine_datum(c, zero_weights=request.forward_only) for cols in columns for c in cols]
         except TinkerError as err:
             raise self.refuse_in_lane(adapter_id, request.seq_id, err) from None
         except HotLoraError as err:  # Datum.create's checks (negative ids, NaNs)
@@ -249,14 +251,22 @@ class Gateway:
                 # per-token logprobs and adds exactly zero to the accumulated gradients. The loss is Tinker's,
                 # computed here from those logprobs.
                 out = await tenant.client.forward_backward(adapter_id, datums, "cross_entropy")
-                logprobs = [lp.numpy() for lp in out.logprobs]
-                losses = [
-                    api.tinker_loss(request.loss_fn, config, lp, d)
-                    for lp, d in zip(logprobs, request.data, strict=True)
+                column_lps = [lp.numpy() for lp in out.logprobs]
+                column_losses = [
+                    api.tinker_loss(request.loss_fn, config, lp, c)
+                    for lp, c in zip(column_lps, [c for cols in columns for c in cols], strict=True)
                 ]
-                return api.FwdBwdResult(logprobs, losses)
-            out = await tenant.client.forward_backward(adapter_id, datums, request.loss_fn, config)
-            return api.FwdBwdResult([lp.numpy() for lp in out.logprobs], list(out.losses))
+            else:
+                out = await tenant.client.forward_backward(adapter_id, datums, request.loss_fn, config)
+                column_lps, column_losses = [lp.numpy() for lp in out.logprobs], list(out.losses)
+            logprobs, losses, at = [], [], 0
+            for cols, datum in zip(columns, request.data, strict=True):
+                k = len(cols)
+                two_d = datum.inputs["target_tokens"].ndim == 2
+                logprobs.append(np.stack(column_lps[at : at + k], axis=1) if two_d else column_lps[at])
+                losses.append(float(sum(column_losses[at : at + k])))
+                at += k
+            return api.FwdBwdResult(logprobs, losses)
 
         return {"request_id": self.start_work(identity, work, adapter_id, request.seq_id), "model_id": request.model_id}
 

@@ -370,16 +370,30 @@ def check_datum(loss_fn: str, i: int, datum: TDatum) -> None:
     target = datum.inputs.get("target_tokens")
     if target is None:
         raise TinkerError(f"datum {i}: loss_fn_inputs needs target_tokens")
-    if target.ndim != 1:
-        raise unsupported(f"datum {i}: target_tokens of shape {list(target.shape)} (top-K targets of shape (N, K))")
     n = datum.tokens.size
+    if target.ndim == 2 and loss_fn != "cross_entropy":
+        raise unsupported(f"datum {i}: top-K targets of shape (N, K) with {loss_fn!r} (cross_entropy only)")
+    if target.ndim not in (1, 2) or target.shape[0] != n:
+        raise TinkerError(f"datum {i}: target_tokens has shape {list(target.shape)}, model_input has {n} tokens")
     for name, value in datum.inputs.items():
-        if value.ndim != 1 or value.size != n:
+        if value.shape != target.shape:
             raise TinkerError(
-                f"datum {i}: loss_fn_inputs[{name!r}] has shape {list(value.shape)}, model_input has {n} tokens"
+                f"datum {i}: loss_fn_inputs[{name!r}] has shape {list(value.shape)}, target_tokens {list(target.shape)}"
             )
     if loss_fn in RL_LOSSES and not {"logprobs", "advantages"} <= set(datum.inputs):
         raise TinkerError(f"datum {i}: {loss_fn!r} needs logprobs and advantages in loss_fn_inputs")
+
+
+def columns(datum: TDatum) -> list[TDatum]:
+    """A datum as 1-D datums, one per target column: top-K cross-entropy targets (N, K) are K datums over the
+    same input, whose losses and gradients add up to Tinker's  -sum_t sum_k w[t,k] * log p(x[t,k])."""
+    target = datum.inputs["target_tokens"]
+    if target.ndim == 1:
+        return [datum]
+    return [
+        TDatum(datum.tokens, {name: value[:, k] for name, value in datum.inputs.items()})
+        for k in range(target.shape[1])
+    ]
 
 
 def tinker_loss(loss_fn: str, config: Mapping[str, float], target_lp: np.ndarray, datum: TDatum) -> float:
@@ -472,7 +486,7 @@ def prompt_logprobs_request(body: Mapping[str, Any], prompt_len: int) -> int | N
 
 
 def tensor_json(values: np.ndarray, dtype: str = "float32") -> dict[str, Any]:
-    return {"data": values.tolist(), "dtype": dtype, "shape": [int(values.size)]}
+    return {"data": values.reshape(-1).tolist(), "dtype": dtype, "shape": [int(d) for d in values.shape]}
 
 
 @dataclass
