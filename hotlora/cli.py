@@ -144,6 +144,12 @@ def _cmd_engine(args: argparse.Namespace) -> int:
     return engine_main(config)
 
 
+def _cmd_gateway(args: argparse.Namespace) -> int:
+    from hotlora.gateway.launch import main as gateway_main
+
+    return gateway_main(args)
+
+
 def _cmd_topics(args: argparse.Namespace) -> int:
     import asyncio
 
@@ -203,6 +209,12 @@ def _cmd_bench_soak(args: argparse.Namespace) -> int:
     return bench_soak_main(args)
 
 
+def _cmd_bench_gateway(args: argparse.Namespace) -> int:
+    from hotlora.benchmarks.gateway import main as bench_gateway_main
+
+    return bench_gateway_main(args)
+
+
 def _cmd_bench_migration(args: argparse.Namespace) -> int:
     from hotlora.benchmarks.migration import main as bench_migration_main
 
@@ -227,6 +239,11 @@ BENCHES = (
         "soak",
         "N tenants' mixed RL loop for M minutes: the engine's RSS over time, answered requests, errors",
         _cmd_bench_soak,
+    ),
+    (
+        "gateway",
+        "the Tinker gateway's per-call overhead over the direct Kafka client: a tiny call and an RL step",
+        _cmd_bench_gateway,
     ),
     (
         "migration",
@@ -332,6 +349,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_engine_arguments(engine)
     engine.set_defaults(func=_cmd_engine)
+
+    gateway = commands.add_parser(
+        "gateway", help="a Tinker-compatible HTTP API (the tinker SDK and cookbook) in front of the engine"
+    )
+    from hotlora.gateway.launch import add_arguments as add_gateway_arguments
+
+    add_gateway_arguments(gateway)
+    gateway.set_defaults(func=_cmd_gateway)
 
     from hotlora.replay.cli import add_commands as add_replay_commands
 
