@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import os
+import shutil
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import pytest
 from aiohttp import web
 
 from hotlora.engine.kafka.broker import free_port
@@ -110,3 +115,31 @@ class GatewayHarness:
             if self.service is not None and engine_task is not None:
                 self.service.request_stop()
                 await asyncio.wait_for(engine_task, START_TIMEOUT_S)
+
+
+def pip_target(name: str, marker: str, requirements: list[str], timeout_s: float) -> Path:
+    """``requirements`` pip-installed (no deps) into ``~/.cache/hotlora/sdk/<name>`` on first use, reused after.
+
+    For SDK versions that cannot share the venv with the installed ``tinker``: the tests put the directory
+    on ``PYTHONPATH`` of a subprocess. ``marker`` (a file inside) says the install completed; it is staged
+    and renamed, so an interrupted install is never taken for a finished one. Failing to install skips
+    the test, or fails it under ``HOTLORA_REQUIRE_TINKER=1`` (CI).
+    """
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "hotlora" / "sdk" / name
+    if (cache / marker).exists():
+        return cache
+    staging = cache.with_name(f"{cache.name}.tmp-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    argv = [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-deps",
+            "--target", str(staging), *requirements]  # fmt: skip
+    try:
+        subprocess.run(argv, check=True, timeout=timeout_s, capture_output=True, text=True)
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as err:
+        shutil.rmtree(staging, ignore_errors=True)
+        reason = f"could not pip-install {' '.join(requirements)}: {getattr(err, 'stderr', '') or err}"
+        if os.environ.get("HOTLORA_REQUIRE_TINKER") == "1":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    shutil.rmtree(cache, ignore_errors=True)
+    staging.rename(cache)
+    return cache

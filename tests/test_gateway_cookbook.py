@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from hotlora.engine.kafka.broker import EmbeddedBroker
-from tests.gateway_harness import GatewayHarness
+from tests.gateway_harness import GatewayHarness, pip_target
 
 REPO = Path(__file__).resolve().parents[1]
 PIP_TIMEOUT_S = 420
@@ -39,24 +38,7 @@ COOKBOOK = [
 
 
 def cookbook() -> Path:
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "hotlora" / "sdk" / "tinker-cookbook-0.6.1"
-    if (cache / "tinker_cookbook" / "__init__.py").exists():
-        return cache
-    staging = cache.with_name(f"{cache.name}.tmp-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    argv = [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-deps",
-            "--target", str(staging), *COOKBOOK]  # fmt: skip
-    try:
-        subprocess.run(argv, check=True, timeout=PIP_TIMEOUT_S, capture_output=True, text=True)
-    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as err:
-        shutil.rmtree(staging, ignore_errors=True)
-        reason = f"could not pip-install tinker-cookbook: {getattr(err, 'stderr', '') or err}"
-        if os.environ.get("HOTLORA_REQUIRE_TINKER") == "1":
-            pytest.fail(reason)
-        pytest.skip(reason)
-    shutil.rmtree(cache, ignore_errors=True)
-    staging.rename(cache)
-    return cache
+    return pip_target("tinker-cookbook-0.6.1", "tinker_cookbook/__init__.py", COOKBOOK, PIP_TIMEOUT_S)
 
 
 def recipe_command(base_url: str, model: Path, log_path: Path) -> list[str]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from hotlora.engine.kafka.broker import EmbeddedBroker
-from tests.gateway_harness import GatewayHarness
+from tests.gateway_harness import GatewayHarness, pip_target
 
 SDK_VERSION = "0.24.1"
 PIP_TIMEOUT_S = 180
@@ -30,24 +29,7 @@ pytestmark = pytest.mark.timeout(600)
 
 def sdk_024() -> Path:
     """``tinker`` 0.24.1 in its own directory under the user's cache (installed on first use)."""
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "hotlora" / "sdk" / f"tinker-{SDK_VERSION}"
-    if (cache / "tinker" / "_version.py").exists():
-        return cache
-    staging = cache.with_name(f"{cache.name}.tmp-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    argv = [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-deps",
-            "--target", str(staging), f"tinker=={SDK_VERSION}"]  # fmt: skip
-    try:
-        subprocess.run(argv, check=True, timeout=PIP_TIMEOUT_S, capture_output=True, text=True)
-    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as err:
-        shutil.rmtree(staging, ignore_errors=True)
-        reason = f"could not pip-install tinker=={SDK_VERSION}: {getattr(err, 'stderr', '') or err}"
-        if os.environ.get("HOTLORA_REQUIRE_TINKER") == "1":
-            pytest.fail(reason)
-        pytest.skip(reason)
-    shutil.rmtree(cache, ignore_errors=True)
-    staging.rename(cache)
-    return cache
+    return pip_target(f"tinker-{SDK_VERSION}", "tinker/_version.py", [f"tinker=={SDK_VERSION}"], PIP_TIMEOUT_S)
 
 
 def test_sdk_024_trains_samples_and_keeps_old_samplers(

@@ -20,6 +20,7 @@ import datetime as dt
 import json
 import os
 import platform
+import re
 import shlex
 import statistics
 import sys
@@ -53,6 +54,21 @@ def repo_root() -> Path:
     """The source checkout this module runs from, else the working directory."""
     root = Path(__file__).resolve().parents[2]
     return root if (root / "pyproject.toml").is_file() else Path.cwd()
+
+
+def append_section(section: str, intro: str = "", path: Path | None = None) -> Path:
+    """Append one run's section to ``docs/benchmarks.md`` (every bench's record of what it measured).
+
+    ``intro`` (a bench's ``## `hotlora bench X` `` header and what it measures) is written once, before
+    the bench's first section; runs of three or more blank lines are folded to one.
+    """
+    path = path or repo_root() / "docs" / "benchmarks.md"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = path.read_text() if path.is_file() else "# Benchmarks\n"
+    if intro and intro.splitlines()[0] not in text:
+        text = text.rstrip("\n") + "\n\n" + intro
+    path.write_text(text.rstrip("\n") + "\n\n" + re.sub(r"\n{3,}", "\n\n", section))
+    return path
 
 
 DOCS_HEADER = """# Benchmarks
@@ -455,11 +471,7 @@ def markdown_section(result: dict[str, Any]) -> str:
 
 
 def append_docs(result: dict[str, Any], path: Path | None = None) -> Path:
-    path = path or repo_root() / "docs" / "benchmarks.md"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    existing = path.read_text() if path.is_file() else DOCS_HEADER
-    path.write_text(existing.rstrip("\n") + "\n\n" + markdown_section(result))
-    return path
+    return append_section(markdown_section(result), DOCS_HEADER, path)
 
 
 def print_summary(console: Console, result: dict[str, Any]) -> None:

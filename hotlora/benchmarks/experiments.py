@@ -38,7 +38,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from hotlora.benchmarks.core import git_commit, machine_info, repo_root
+from hotlora.benchmarks.core import append_section, git_commit, machine_info, repo_root
 from hotlora.progress import progress_bar
 
 if TYPE_CHECKING:
@@ -637,12 +637,7 @@ def markdown_section(result: dict[str, Any], png: Path | None) -> str:
 
 
 def append_docs(result: dict[str, Any], png: Path | None) -> Path:
-    path = repo_root() / "docs" / "benchmarks.md"
-    text = path.read_text() if path.is_file() else "# Benchmarks\n"
-    if SECTION_HEADER not in text:
-        text = text.rstrip("\n") + "\n\n" + DOCS_INTRO
-    path.write_text(text.rstrip("\n") + "\n\n" + markdown_section(result, png))
-    return path
+    return append_section(markdown_section(result, png), DOCS_INTRO)
 
 
 # ----- CLI -----

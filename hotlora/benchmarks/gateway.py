@@ -21,7 +21,6 @@ import argparse
 import asyncio
 import json
 import os
-import re
 import shlex
 import statistics
 import sys
@@ -33,7 +32,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from hotlora.benchmarks.core import git_commit, machine_info, repo_root
+from hotlora.benchmarks.core import append_section, git_commit, machine_info
 from hotlora.benchmarks.hop import percentile
 
 DOCS_INTRO = """## `hotlora bench gateway`
@@ -304,9 +303,5 @@ def main(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     if not args.no_docs:
-        path = repo_root() / "docs" / "benchmarks.md"
-        text = path.read_text() if path.is_file() else "# Benchmarks\n"
-        if "## `hotlora bench gateway`" not in text:
-            text = text.rstrip("\n") + "\n\n" + DOCS_INTRO
-        path.write_text(text.rstrip("\n") + "\n\n" + re.sub(r"\n{3,}", "\n\n", markdown_section(result)))
+        append_section(markdown_section(result), DOCS_INTRO)
     return 0

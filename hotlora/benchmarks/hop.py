@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from hotlora.benchmarks.core import git_commit, machine_info, repo_root
+from hotlora.benchmarks.core import append_section, git_commit, machine_info
 
 DOCS_INTRO = """## `hotlora bench hop`
 
@@ -128,9 +128,5 @@ def main(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     if not args.no_docs:
-        path = repo_root() / "docs" / "benchmarks.md"
-        text = path.read_text() if path.is_file() else "# Benchmarks\n"
-        if "## `hotlora bench hop`" not in text:
-            text = text.rstrip("\n") + "\n\n" + DOCS_INTRO
-        path.write_text(text.rstrip("\n") + "\n\n" + markdown_section(result))
+        append_section(markdown_section(result), DOCS_INTRO)
     return 0

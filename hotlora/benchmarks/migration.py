@@ -423,7 +423,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     import torch
 
-    from hotlora.benchmarks.core import git_commit, machine_info, repo_root
+    from hotlora.benchmarks.core import append_section, git_commit, machine_info
     from hotlora.models.model_init import rl_base_model
 
     if not args.steps > 0 or args.agents < 1:
@@ -463,9 +463,5 @@ def main(args: argparse.Namespace) -> int:
     else:
         console.print(markdown_section(result))
     if not args.no_docs:
-        path = repo_root() / "docs" / "benchmarks.md"
-        text = path.read_text() if path.is_file() else "# Benchmarks\n"
-        if DOCS_INTRO.splitlines()[0] not in text:
-            text = text.rstrip("\n") + "\n\n" + DOCS_INTRO
-        path.write_text(text.rstrip("\n") + "\n\n" + markdown_section(result))
+        append_section(markdown_section(result), DOCS_INTRO)
     return 1 if result["problems"] else 0

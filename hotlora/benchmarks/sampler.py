@@ -40,7 +40,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from hotlora.benchmarks.core import git_commit, machine_info, repo_root
+from hotlora.benchmarks.core import append_section, git_commit, machine_info
 from hotlora.benchmarks.experiments import interrupt_on_sigterm, quiet_client_logs
 from hotlora.progress import progress_bar
 
@@ -383,13 +383,7 @@ def markdown_section(result: dict[str, Any]) -> str:
 
 
 def append_docs(result: dict[str, Any], path: Path | None = None) -> Path:
-    path = path or repo_root() / "docs" / "benchmarks.md"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = path.read_text() if path.is_file() else "# Benchmarks\n"
-    if SECTION_HEADER not in text:
-        text = text.rstrip("\n") + "\n\n" + DOCS_INTRO
-    path.write_text(text.rstrip("\n") + "\n\n" + markdown_section(result))
-    return path
+    return append_section(markdown_section(result), DOCS_INTRO, path)
 
 
 def print_summary(console: Console, result: dict[str, Any]) -> None:

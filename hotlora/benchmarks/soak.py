@@ -34,7 +34,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from hotlora.benchmarks.core import git_commit, machine_info, repo_root
+from hotlora.benchmarks.core import append_section, git_commit, machine_info
 from hotlora.progress import progress_bar
 
 DOCS_INTRO = """## `hotlora bench soak`
@@ -321,12 +321,7 @@ def markdown_section(result: dict[str, Any]) -> str:
 
 
 def append_docs(result: dict[str, Any], path: Path | None = None) -> Path:
-    path = path or repo_root() / "docs" / "benchmarks.md"
-    text = path.read_text() if path.is_file() else "# Benchmarks\n"
-    if "## `hotlora bench soak`" not in text:
-        text = text.rstrip("\n") + "\n\n" + DOCS_INTRO
-    path.write_text(text.rstrip("\n") + "\n\n" + markdown_section(result))
-    return path
+    return append_section(markdown_section(result), DOCS_INTRO, path)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
