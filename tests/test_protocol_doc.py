@@ -8,7 +8,9 @@ are expected; floats and booleans are refused where integers are) with the decod
 
 from __future__ import annotations
 
+import argparse
 import ast
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,10 @@ from aiokafka.partitioner import murmur2
 
 from hotlora.engine.base_model import model_name
 from hotlora.engine.kafka.convert import from_engine, to_engine
+from hotlora.engine.kafka.heartbeats import ModelFacts
 from hotlora.engine.kafka.placement import partition_for
+from hotlora.engine.kafka.service_config import add_arguments, from_sources
+from hotlora.engine.runner import ModelRunner
 from hotlora.engine.types import ForwardBackwardOutput
 from hotlora.schemas import MESSAGE_TYPES, REQUEST_TYPES, SchemaError, decode, encode, pack_f32, pack_i32, tag_of
 from hotlora.schemas import messages as wire
@@ -284,3 +289,22 @@ def test_model_name_is_the_hub_repo_id_or_the_directory_name(tmp_path: Path) -> 
     assert model_name(hub) == "Qwen/Qwen3-0.6B"
     assert model_name(tmp_path / "models" / "my-llama") == "my-llama"
     assert model_name("relative/dir/") == "dir"
+
+
+def test_model_facts_of_the_base(runner: ModelRunner, tiny_model_path: Path) -> None:
+    """What heartbeats and ``engine_status`` say of the model, against its own config files."""
+    config = json.loads((tiny_model_path / "config.json").read_text())
+    facts = ModelFacts.of(runner.base)
+    assert facts.name == tiny_model_path.name
+    assert (facts.vocab_size, facts.context_length) == (config["vocab_size"], config["max_position_embeddings"])
+    assert facts.eos_token_ids == [config["eos_token_id"]] == [runner.base.tokenizer.eos_token_id]
+    assert ModelFacts.of(runner.base, "org/name").name == "org/name"
+
+
+def test_model_name_from_flag_and_environment() -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--model-name", "Qwen/Qwen3-8B"])
+    assert from_sources(args, {"HOTLORA_MODEL_NAME": "other"}).model_name == "Qwen/Qwen3-8B"
+    assert from_sources(None, {"HOTLORA_MODEL_NAME": "other"}).model_name == "other"
+    assert from_sources(None, {}).model_name is None
