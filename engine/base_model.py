@@ -12,6 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
+from hotlora.engine.types import is_int
 from hotlora.schemas.errors import InvalidRequest
 
 DTYPES: dict[str, torch.dtype] = {
@@ -68,6 +69,34 @@ class BaseModel:
     @property
     def max_positions(self) -> int:
         return int(getattr(self.model.config, "max_position_embeddings", 1 << 30))
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        """Every token id that ends a sample: the tokenizer's EOS and the generation config's (often a
+        list: Qwen and Llama 3 chat models end turns on several), so clients and samplers agree."""
+        ids: set[int] = set()
+        sources = [self.tokenizer.eos_token_id, getattr(self.model.generation_config, "eos_token_id", None)]
+        for source in sources:
+            if is_int(source):
+                ids.add(source)
+            elif isinstance(source, (list, tuple)):
+                ids.update(i for i in source if is_int(i))
+        return frozenset(ids)
+
+    @property
+    def name(self) -> str:
+        return model_name(self.path)
+
+
+def model_name(path: str | Path) -> str:
+    """The name a client sees for the base at ``path``: the Hub repo id when ``path`` lies in a Hugging
+    Face cache (``.../models--Qwen--Qwen3-8B/snapshots/<revision>`` is ``Qwen/Qwen3-8B``), else the
+    directory's own name. A directory path alone says where the model is on one host, not which model."""
+    absolute = Path(path).absolute()
+    for part in reversed(absolute.parts):
+        if part.startswith("models--") and len(part) > len("models--"):
+            return part.removeprefix("models--").replace("--", "/", 1)
+    return absolute.name
 
 
 def load_base_model(path: str | Path, dtype: str = "auto", device: str = "auto") -> BaseModel:

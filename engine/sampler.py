@@ -202,7 +202,7 @@ class NativeSampler:
         self.max_rows = max_rows
         self.tokenizer = runner.base.tokenizer
         self.vocab_size = runner.base.vocab_size
-        self.eos_ids = self._eos_ids()
+        self.eos_ids = runner.base.eos_token_ids
         self.generator = torch.Generator(device="cpu").manual_seed(0)  # base rows without a seed
         self.max_kv_bytes = default_kv_bytes(self.device) if max_kv_bytes is None else max_kv_bytes
         self._store = self._new_store(config, self.max_kv_bytes)
@@ -230,16 +230,6 @@ class NativeSampler:
         if max_kv_bytes is not None:
             store.max_tokens = max(1, max_kv_bytes // store.bytes_per_token)
         return store
-
-    def _eos_ids(self) -> frozenset[int]:
-        ids: set[int] = set()
-        sources = [self.tokenizer.eos_token_id, getattr(self.model.generation_config, "eos_token_id", None)]
-        for source in sources:
-            if is_int(source):
-                ids.add(source)
-            elif isinstance(source, (list, tuple)):
-                ids.update(i for i in source if is_int(i))
-        return frozenset(ids)
 
     # ----- requests -----
 

@@ -300,10 +300,24 @@ class Heartbeat(Event, tag="heartbeat", kw_only=True, frozen=True):
     partitions: list[int] = msgspec.field(default_factory=list)
     # Per-adapter load (``engine.observability.EngineMetrics.adapter_load``); {} without metrics.
     load: dict[str, AdapterLoad] = msgspec.field(default_factory=dict)
+    # The base model's limits, as in ``engine_status``: a client that joins late learns them from any
+    # heartbeat instead of searching the metrics topic for the last status event (0 / [] = unknown).
+    model_name: str = ""
+    vocab_size: NonNegative = 0
+    context_length: NonNegative = 0
+    eos_token_ids: list[NonNegative] = msgspec.field(default_factory=list)
 
 
 class EngineStatus(Event, tag="engine_status", kw_only=True, frozen=True):
-    """A fuller snapshot: model, limits and every adapter, published at start, stop and on change."""
+    """A fuller snapshot: model, limits and every adapter, published at start, stop and on change.
+
+    ``model`` is the base model's directory on the engine's host; ``model_name`` what a client should
+    show and compare (a Hub repo id where known). ``vocab_size`` bounds token ids (ids must be below it),
+    ``context_length`` bounds a sample's prompt + ``max_tokens`` and a datum's length, ``eos_token_ids``
+    end every sample. ``checkpoint_dir`` is the absolute directory that relative checkpoint paths are
+    taken from (results and ``checkpoint`` events carry absolute paths under it). 0 / "" / [] = unknown
+    (an engine older than these fields).
+    """
 
     engine_id: str
     model: str
@@ -312,6 +326,11 @@ class EngineStatus(Event, tag="engine_status", kw_only=True, frozen=True):
     max_decode_rows: NonNegative = 0
     sampler: str = "native"  # the rollout backend: "native" | "vllm"
     adapters: list[AdapterInfo] = msgspec.field(default_factory=list)
+    model_name: str = ""
+    vocab_size: NonNegative = 0
+    context_length: NonNegative = 0
+    eos_token_ids: list[NonNegative] = msgspec.field(default_factory=list)
+    checkpoint_dir: str = ""
 
 
 class Metrics(Event, tag="metrics", kw_only=True, frozen=True):

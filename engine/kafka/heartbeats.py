@@ -3,15 +3,20 @@
 ``engine_status`` goes out when the engine's state or its adapters change (starting, running, draining,
 stopped; a create, delete or load). A ``heartbeat`` goes out every ``heartbeat_interval`` seconds with
 liveness, capacity (resident slots), load and what this engine owns, which ``hotlora status`` and
-``hotlora top`` fold into the fleet's view.
+``hotlora top`` fold into the fleet's view. Both carry the base model's name, vocabulary size, context
+length and EOS ids (``ModelFacts``), so a client in any language can check its tokens before sending.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
 
 import structlog
 from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import KafkaError
 
+from hotlora.engine.base_model import BaseModel
 from hotlora.engine.core import Engine
 from hotlora.engine.kafka.convert import from_engine
 from hotlora.engine.kafka.replies import Outbox
@@ -22,13 +27,51 @@ from hotlora.schemas import messages as wire
 log = structlog.get_logger("hotlora.service")
 
 
+@dataclass(frozen=True)
+class ModelFacts:
+    """What a client must know of the base before it sends tokens (``docs/protocol.md``, section 3):
+    its name, the token ids it accepts (below ``vocab_size``), its length limit and its EOS ids."""
+
+    name: str
+    vocab_size: int
+    context_length: int
+    eos_token_ids: list[int]
+
+    @classmethod
+    def of(cls, base: BaseModel, name: str | None = None) -> ModelFacts:
+        """``name`` overrides the one derived from the base's path (``--model-name``)."""
+        return cls(name or base.name, base.vocab_size, base.max_positions, sorted(base.eos_token_ids))
+
+
 class Heartbeats:
-    def __init__(self, outbox: Outbox, engine: Engine, engine_id: str, model: str, metrics: EngineMetrics | None):
+    def __init__(
+        self,
+        outbox: Outbox,
+        engine: Engine,
+        engine_id: str,
+        model: str,
+        metrics: EngineMetrics | None,
+        *,
+        model_name: str | None = None,
+        checkpoint_dir: str = "",
+    ):
         self.outbox = outbox
         self.engine = engine
         self.engine_id = engine_id
-        self.model = model
+        base = engine.runner.base
+        self.model = model or base.path
+        self.facts = ModelFacts.of(base, model_name)
+        self.checkpoint_dir = checkpoint_dir
         self.metrics = metrics
+
+    def _model_fields(self) -> dict[str, Any]:
+        facts = self.facts
+        return {
+            "model_name": facts.name,
+            "vocab_size": facts.vocab_size,
+            "context_length": facts.context_length,
+            "eos_token_ids": list(facts.eos_token_ids),
+        }
 
     async def status(self, state: str) -> None:
         """``engine_status``: the engine's state, limits and adapters (a send failure raises)."""
@@ -41,6 +84,8 @@ class Heartbeats:
             max_decode_rows=self.engine.config.max_decode_rows,
             sampler=self.engine.sampler_name,
             adapters=from_engine(wire.ListAdapters(), infos).adapters,  # type: ignore[union-attr]
+            checkpoint_dir=self.checkpoint_dir,
+            **self._model_fields(),
         )
         await self.outbox.send(self.outbox.topics.metrics, status)
 
@@ -68,6 +113,7 @@ class Heartbeats:
             adapters=adapters,
             partitions=sorted(partitions),
             load=load,
+            **self._model_fields(),
         )
         try:
             await self.outbox.send(self.outbox.topics.metrics, heartbeat)

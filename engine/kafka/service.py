@@ -219,7 +219,15 @@ class EngineService:
         )
         await self._producer.start()
         self.outbox = Outbox(self._producer, self.topics, config.max_message_bytes)
-        self.heartbeats = Heartbeats(self.outbox, self.engine, config.engine_id, self.model, self.metrics)
+        self.heartbeats = Heartbeats(
+            self.outbox,
+            self.engine,
+            config.engine_id,
+            self.model,
+            self.metrics,
+            model_name=config.model_name,
+            checkpoint_dir=str(self.checkpoint_dir),
+        )
         self.handover = Handover(
             self.engine, self.durability, self._sequencer, self.owners, self.metrics, config.rebalance_timeout_ms
         )

@@ -23,6 +23,7 @@ class ServiceConfig:
 
     bootstrap: str | None = None
     model: str | None = None
+    model_name: str | None = None  # what heartbeats and engine_status call the base; None: from the path
     topic_prefix: str = "hotlora"
     partitions: int = 4
     replication_factor: int = 1
@@ -87,6 +88,8 @@ class ServiceConfig:
 _FLAGS: dict[str, str] = {
     "bootstrap": "Kafka bootstrap HOST:PORT (default: start an embedded broker)",
     "model": "base model directory (default: the cached tiny model)",
+    "model_name": "the base model's name in heartbeats and engine_status, e.g. Qwen/Qwen3-8B (default: the Hub "
+    "repo id of a Hugging Face cache path, else the directory's name)",
     "topic_prefix": "topic name prefix (default hotlora)",
     "partitions": "partitions per topic created at start (default 4)",
     "replication_factor": "replication factor of created topics (default 1)",
