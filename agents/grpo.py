@@ -45,6 +45,9 @@ class GrpoConfig:
     group_size: int = 8
     batch_size: int = 4
     learning_rate: float = 3e-3
+    # Set here, not left to AdamParams: its default is the Tinker SDK's 0.0 (no clipping), and these
+    # runs were tuned with the sum-reduced gradient clipped to norm 1.0.
+    grad_clip_norm: float = 1.0
     loss: str = "importance_sampling"  # or "ppo"
     std_normalize: bool = False
     eval_every: int = 10  # 0: no held-out evals at all (throughput runs on random-init shapes)
@@ -194,7 +197,9 @@ async def run_grpo(
         loss = mismatch = sync = None
         if datums:
             fb = await client.forward_backward(cfg.adapter_id, datums, cfg.loss)
-            stepped = await client.optim_step(cfg.adapter_id, AdamParams(learning_rate=cfg.learning_rate))
+            stepped = await client.optim_step(
+                cfg.adapter_id, AdamParams(learning_rate=cfg.learning_rate, grad_clip_norm=cfg.grad_clip_norm)
+            )
             version, sync = stepped.version, stepped.weight_sync_s
             loss, mismatch = fb.loss, logprob_mismatch(datums, fb)
         fields = dict(

@@ -28,6 +28,7 @@ class SftAgentConfig:
     steps: int = 60
     rank: int = 8
     learning_rate: float = 3e-3
+    grad_clip_norm: float = 1.0  # explicit: AdamParams' default is the Tinker SDK's 0.0 (no clipping)
     seed: int = 0
     topic_prefix: str = "hotlora"
     target: str | None = None
@@ -52,7 +53,9 @@ async def run_sft_agent(cfg: SftAgentConfig) -> int:
             sample = await client.sample(cfg.adapter_id, prompt, n=1, params=greedy)
             text = tokenizer.decode(sample.sequences[0].tokens)
             fb = await client.forward_backward(cfg.adapter_id, [datum], "cross_entropy")
-            opt = await client.optim_step(cfg.adapter_id, AdamParams(learning_rate=cfg.learning_rate))
+            opt = await client.optim_step(
+                cfg.adapter_id, AdamParams(learning_rate=cfg.learning_rate, grad_clip_norm=cfg.grad_clip_norm)
+            )
             emit(
                 adapter=cfg.adapter_id,
                 step=step + 1,

@@ -14,6 +14,7 @@ what makes a mixed-adapter run replay exactly (``docs/replay.md``).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -98,6 +99,10 @@ class CollatedBatch:
     weights: torch.Tensor
     sampler_logprobs: torch.Tensor
     advantages: torch.Tensor
+    # Per-token clip thresholds (NaN where a datum gives none) and GSPO masks; None when no row has any.
+    clip_low: torch.Tensor | None
+    clip_high: torch.Tensor | None
+    ratio_mask: torch.Tensor | None
     # Host-side, one flag per row: deciding whether a loss group has RL fields must not read the device.
     has_rl_fields: list[bool]
     loss_groups: dict[tuple[str, tuple[tuple[str, float], ...]], list[int]] = field(default_factory=dict)
@@ -110,7 +115,23 @@ class CollatedBatch:
             weights=self.weights.index_select(0, index),
             sampler_logprobs=self.sampler_logprobs.index_select(0, index) if rl_ok else None,
             advantages=self.advantages.index_select(0, index) if rl_ok else None,
+            clip_low=None if self.clip_low is None else self.clip_low.index_select(0, index),
+            clip_high=None if self.clip_high is None else self.clip_high.index_select(0, index),
+            ratio_mask=None if self.ratio_mask is None else self.ratio_mask.index_select(0, index),
         )
+
+
+# Datum fields only some losses read, and what a row without them holds: NaN thresholds mean "the
+# call's bounds"; a zero mask marks nothing.
+OPTIONAL_FIELDS: dict[str, float] = {
+    "clip_low_threshold": math.nan,
+    "clip_high_threshold": math.nan,
+    "sequence_ratio_mask": 0.0,
+}
+
+
+def _to(tensor: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    return None if tensor is None else tensor.to(device)
 
 
 def collate(batch: MicroBatch, calls: Sequence[ForwardBackward], device: torch.device) -> CollatedBatch:
@@ -120,6 +141,7 @@ def collate(batch: MicroBatch, calls: Sequence[ForwardBackward], device: torch.d
     weights = torch.zeros(n, width)
     sampler_logprobs = torch.zeros(n, width)
     advantages = torch.zeros(n, width)
+    optional: dict[str, torch.Tensor | None] = dict.fromkeys(OPTIONAL_FIELDS)
     has_rl = [False] * n
     token_index = torch.cat([torch.arange(length) + i * width for i, length in enumerate(r.length for r in batch.rows)])
     groups: dict[tuple[str, tuple[tuple[str, float], ...]], list[int]] = {}
@@ -134,6 +156,13 @@ def collate(batch: MicroBatch, calls: Sequence[ForwardBackward], device: torch.d
             sampler_logprobs[i, :length] = datum.logprobs
             advantages[i, :length] = datum.advantages
             has_rl[i] = True
+        for name, fill in OPTIONAL_FIELDS.items():
+            value = getattr(datum, name)
+            if value is None:
+                continue
+            if optional[name] is None:
+                optional[name] = torch.full((n, width), fill)
+            optional[name][i, :length] = value  # type: ignore[index]
         key = (call.loss_fn, tuple(sorted((k, float(v)) for k, v in call.loss_config.items())))
         groups.setdefault(key, []).append(i)
     return CollatedBatch(
@@ -143,6 +172,9 @@ def collate(batch: MicroBatch, calls: Sequence[ForwardBackward], device: torch.d
         weights=weights.to(device),
         sampler_logprobs=sampler_logprobs.to(device),
         advantages=advantages.to(device),
+        clip_low=_to(optional["clip_low_threshold"], device),
+        clip_high=_to(optional["clip_high_threshold"], device),
+        ratio_mask=_to(optional["sequence_ratio_mask"], device),
         has_rl_fields=has_rl,
         loss_groups=groups,
     )

@@ -7,7 +7,7 @@ to run one micro-batch or one optimizer step at a time.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +26,7 @@ from hotlora.engine.base_model import BaseModel, load_base_model
 from hotlora.engine.batching import MicroBatch, ResultAssembler, collate, pack_forward_backward
 from hotlora.engine.checkpoint import LoadedAdapter, load_checkpoint, save_checkpoint
 from hotlora.engine.lora import inject_multi_lora, lora_batch
-from hotlora.engine.losses import compute_loss, target_logprobs, validate_loss_config
+from hotlora.engine.losses import CLIPPED_LOSSES, RL_LOSSES, compute_loss, target_logprobs, validate_loss_config
 from hotlora.engine.types import (
     AdamParams,
     AdapterInfo,
@@ -38,7 +38,6 @@ from hotlora.engine.types import (
 )
 from hotlora.schemas.errors import CheckpointError, HotLoraError, InvalidRequest
 
-RL_LOSSES = frozenset({"importance_sampling", "ppo", "cispo"})
 # Config fields (the known ones) of models that transform their logits after the output head. Training
 # computes logprobs from the head directly (``losses.target_logprobs``): such a model would train wrong.
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "lm_head_multiplier")
@@ -142,9 +141,15 @@ class ModelRunner:
                 valid.append(index)
             except HotLoraError as err:
                 results[index] = err
-        good_calls = [calls[i] for i in valid]
-        for index, output in zip(valid, self.run_calls(good_calls), strict=True):
-            results[index] = output
+        # Forward-only calls (Tinker's ``forward``) run apart, without autograd: they never touch gradients.
+        for backward in (True, False):
+            indices = [i for i in valid if calls[i].forward_only != backward]
+            if not indices:
+                continue
+            good_calls = [calls[i] for i in indices]
+            outputs = self.run_calls(good_calls) if backward else self._run_calls(good_calls, backward=False)
+            for index, output in zip(indices, outputs, strict=True):
+                results[index] = output
         return [r for r in results if r is not None]
 
     def validate_call(self, call: ForwardBackward) -> None:
@@ -160,6 +165,18 @@ class ModelRunner:
                 raise InvalidRequest(f"datum {i} has token id {top}, outside the vocabulary of {vocab}")
             if call.loss_fn in RL_LOSSES and (datum.logprobs is None or datum.advantages is None):
                 raise InvalidRequest(f"datum {i}: {call.loss_fn!r} needs sampler logprobs and advantages")
+            thresholds = datum.clip_low_threshold is not None or datum.clip_high_threshold is not None
+            if thresholds and call.loss_fn not in CLIPPED_LOSSES:
+                raise InvalidRequest(
+                    f"datum {i}: per-token clip thresholds are read only by {sorted(CLIPPED_LOSSES)}, "
+                    f"not {call.loss_fn!r}"
+                )
+            mask = datum.sequence_ratio_mask
+            if (mask is None) != (call.loss_fn != "gspo"):
+                need = "needs" if mask is None else "is read only by 'gspo', not by"
+                raise InvalidRequest(f"datum {i}: a sequence_ratio_mask {need} {call.loss_fn!r}")
+            if mask is not None and not bool((mask != 0).any()):
+                raise InvalidRequest(f"datum {i}: its sequence_ratio_mask marks no token (gspo's ratio is their mean)")
 
     def run_calls(self, calls: Sequence[ForwardBackward]) -> list[ForwardBackwardOutput]:
         """Pack and run validated calls; outputs come back in call order.
@@ -197,7 +214,7 @@ class ModelRunner:
                 # ``earlier + new`` in that order, as autograd's accumulation would have added them.
                 p.grad = grad.to(p.device) if new is None else grad.to(p.device).add_(new)
 
-    def _run_calls(self, calls: Sequence[ForwardBackward]) -> list[ForwardBackwardOutput]:
+    def _run_calls(self, calls: Sequence[ForwardBackward], backward: bool = True) -> list[ForwardBackwardOutput]:
         outputs: list[ForwardBackwardOutput | None] = [None] * len(calls)
         for group in self.resident_groups(calls):
             group_calls = [calls[i] for i in group]
@@ -207,7 +224,7 @@ class ModelRunner:
             for batch in pack_forward_backward(group_calls, slots, self.config.token_budget):
                 if self.micro_batch_hook is not None:
                     self.micro_batch_hook(batch)
-                row_losses, target_logprobs = self.run_micro_batch(batch, group_calls)
+                row_losses, target_logprobs = self.run_micro_batch(batch, group_calls, backward)
                 assembler.add(batch, row_losses, target_logprobs)
             for index, output in zip(group, assembler.outputs(), strict=True):
                 outputs[index] = output
@@ -235,16 +252,22 @@ class ModelRunner:
             groups.append(current)
         return groups
 
-    def run_micro_batch(self, batch: MicroBatch, calls: Sequence[ForwardBackward]) -> tuple[torch.Tensor, torch.Tensor]:
+    def run_micro_batch(
+        self, batch: MicroBatch, calls: Sequence[ForwardBackward], backward: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """One forward and one backward over rows of many adapters; gradients accumulate per adapter.
 
         Logprobs come from the decoder's last hidden states at real positions only, through the output
         head a chunk at a time (``losses.target_logprobs``); padding positions get 0. The backward runs
-        inside ``lora_batch`` too: checkpointed layers recompute their forward during it.
+        inside ``lora_batch`` too: checkpointed layers recompute their forward during it. With
+        ``backward=False`` (forward-only calls) nothing is recorded for autograd and no layer is
+        checkpointed: the same forward, the same losses, no gradient.
         """
         tensors = collate(batch, calls, self.device)
         rows, width = len(batch.rows), batch.width
-        with lora_batch(self.lora, batch.slots), self._checkpointing():
+        grad_mode = nullcontext() if backward else torch.no_grad()
+        checkpointing = self._checkpointing() if backward else nullcontext()
+        with grad_mode, lora_batch(self.lora, batch.slots), checkpointing:
             # Right padding with a causal mask: real tokens never attend to the padding after them.
             hidden = self.body(input_ids=tensors.input_ids, use_cache=False).last_hidden_state
             real = hidden.reshape(rows * width, -1).index_select(0, tensors.token_index)
@@ -255,7 +278,8 @@ class ModelRunner:
             for (loss_fn, config_items), group in tensors.loss_groups.items():
                 losses = compute_loss(loss_fn, tensors.loss_inputs(group, logprobs), dict(config_items))
                 row_losses = row_losses.index_put((torch.tensor(group, device=self.device),), losses)
-            row_losses.sum().backward()
+            if backward:
+                row_losses.sum().backward()
         return row_losses.detach(), logprobs.detach()
 
     @contextmanager

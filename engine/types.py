@@ -23,8 +23,8 @@ import torch
 from hotlora.schemas.errors import InvalidRequest
 from hotlora.schemas.messages import new_request_id
 
-LossName = Literal["cross_entropy", "importance_sampling", "ppo", "cispo"]
-LOSS_NAMES: tuple[str, ...] = ("cross_entropy", "importance_sampling", "ppo", "cispo")
+LossName = Literal["cross_entropy", "importance_sampling", "ppo", "cispo", "gspo", "dro"]
+LOSS_NAMES: tuple[str, ...] = ("cross_entropy", "importance_sampling", "ppo", "cispo", "gspo", "dro")
 
 ATTENTION_MODULES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_MODULES: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
@@ -95,14 +95,16 @@ class LoraSpec:
 
 @dataclass(frozen=True)
 class AdamParams:
-    """AdamW settings of one ``optim_step``; the defaults are the Tinker SDK's."""
+    """AdamW settings of one ``optim_step``; the defaults are the Tinker SDK's ``AdamParams``, so
+    ``grad_clip_norm=0.0``: no clipping unless the caller asks (losses are sums over tokens, so a norm
+    of 1.0 would clip nearly every step)."""
 
     learning_rate: float = 1e-4
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-12
     weight_decay: float = 0.0
-    grad_clip_norm: float = 1.0
+    grad_clip_norm: float = 0.0
 
     def __post_init__(self) -> None:
         # Every field must be finite: a NaN or inf would silently poison the adapter's weights.
@@ -175,7 +177,10 @@ class Datum:
     """One training sequence.
 
     ``input_tokens[t]`` predicts ``target_tokens[t]`` with weight ``weights[t]``. RL losses also read
-    the sampler's per-token ``logprobs`` and per-token ``advantages``.
+    the sampler's per-token ``logprobs`` and per-token ``advantages``. The clipped losses (ppo, cispo,
+    gspo) read optional per-token ``clip_low_threshold`` / ``clip_high_threshold`` (absolute bounds on
+    the ratio that replace the call's on this datum's tokens, as Tinker's loss inputs of those names),
+    and gspo its ``sequence_ratio_mask`` (the tokens whose mean log-ratio is the sequence ratio).
     """
 
     input_tokens: torch.Tensor
@@ -183,6 +188,9 @@ class Datum:
     weights: torch.Tensor
     logprobs: torch.Tensor | None = None
     advantages: torch.Tensor | None = None
+    clip_low_threshold: torch.Tensor | None = None
+    clip_high_threshold: torch.Tensor | None = None
+    sequence_ratio_mask: torch.Tensor | None = None
 
     @classmethod
     def create(
@@ -192,17 +200,28 @@ class Datum:
         weights: Sequence[float] | torch.Tensor | None = None,
         logprobs: Sequence[float] | torch.Tensor | None = None,
         advantages: Sequence[float] | torch.Tensor | None = None,
+        *,
+        clip_low_threshold: Sequence[float] | torch.Tensor | None = None,
+        clip_high_threshold: Sequence[float] | torch.Tensor | None = None,
+        sequence_ratio_mask: Sequence[float] | torch.Tensor | None = None,
     ) -> Datum:
         inputs = _as_tensor(input_tokens, torch.long)
         targets = _as_tensor(target_tokens, torch.long)
         n = inputs.numel()
         w = torch.ones(n) if weights is None else _as_tensor(weights, torch.float32)
+
+        def floats(values: Sequence[float] | torch.Tensor | None) -> torch.Tensor | None:
+            return None if values is None else _as_tensor(values, torch.float32)
+
         datum = cls(
             input_tokens=inputs,
             target_tokens=targets,
             weights=w,
-            logprobs=None if logprobs is None else _as_tensor(logprobs, torch.float32),
-            advantages=None if advantages is None else _as_tensor(advantages, torch.float32),
+            logprobs=floats(logprobs),
+            advantages=floats(advantages),
+            clip_low_threshold=floats(clip_low_threshold),
+            clip_high_threshold=floats(clip_high_threshold),
+            sequence_ratio_mask=floats(sequence_ratio_mask),
         )
         datum.validate()
         return datum
@@ -222,16 +241,33 @@ class Datum:
         n = len(self)
         if n == 0:
             raise InvalidRequest("a datum needs at least one input token")
-        for name in ("target_tokens", "weights", "logprobs", "advantages"):
+        for name in ("target_tokens", *FLOAT_FIELDS):
             value = getattr(self, name)
             if value is not None and value.numel() != n:
                 raise InvalidRequest(f"datum {name} has {value.numel()} entries, input_tokens has {n}")
         if self.input_tokens.min() < 0 or self.target_tokens.min() < 0:
             raise InvalidRequest("token ids must be non-negative")
-        for name in ("weights", "logprobs", "advantages"):
+        for name in FLOAT_FIELDS:
             value = getattr(self, name)
             if value is not None and not bool(torch.isfinite(value).all()):
                 raise InvalidRequest(f"datum {name} must be finite (no NaN or inf)")
+        low, high = self.clip_low_threshold, self.clip_high_threshold
+        for name, value in (("clip_low_threshold", low), ("clip_high_threshold", high)):
+            if value is not None and bool((value < 0).any()):
+                raise InvalidRequest(f"datum {name} bounds the ratio p/q and must be >= 0")
+        if low is not None and high is not None and bool((low > high).any()):
+            raise InvalidRequest("datum clip_low_threshold is above clip_high_threshold at some token")
+
+
+# A datum's optional per-token float fields, in wire order.
+FLOAT_FIELDS: tuple[str, ...] = (
+    "weights",
+    "logprobs",
+    "advantages",
+    "clip_low_threshold",
+    "clip_high_threshold",
+    "sequence_ratio_mask",
+)
 
 
 # ----- requests: one per verb; ``Request`` is their union -----
@@ -291,6 +327,9 @@ class ForwardBackward:
     loss_fn: str = "cross_entropy"
     loss_config: dict[str, float] = field(default_factory=dict)
     request_id: str = field(default_factory=new_request_id)
+    # Tinker's ``forward``: the same losses and logprobs, computed without a backward; the adapter's
+    # accumulated gradients are left exactly as they were.
+    forward_only: bool = False
 
     def __post_init__(self) -> None:
         if self.loss_fn not in LOSS_NAMES:

@@ -1,4 +1,5 @@
-"""``Verbs``: the nine verbs of the Tinker vocabulary, written once over ``submit``.
+"""``Verbs``: the nine verbs of the Tinker vocabulary, written once over ``submit`` (``forward`` is
+``forward_backward``'s forward-only form, one flag on the same request).
 
 ``Engine`` (in process) and ``HotLoraClient`` (over Kafka) both inherit them and differ only in
 ``submit``: each verb builds its typed request (``engine.types``) and awaits its result, so
@@ -83,6 +84,18 @@ class Verbs(ABC):
         loss_config: dict[str, float] | None = None,
     ) -> ForwardBackwardOutput:
         return await self.submit(ForwardBackward(adapter_id, list(datums), loss_fn, dict(loss_config or {})))
+
+    async def forward(
+        self,
+        adapter_id: str,
+        datums: list[Datum],
+        loss_fn: str = "cross_entropy",
+        loss_config: dict[str, float] | None = None,
+    ) -> ForwardBackwardOutput:
+        """``forward_backward`` without the backward (Tinker's ``forward``): the same per-datum losses and
+        target logprobs, and the adapter's accumulated gradients stay exactly as they were."""
+        call = ForwardBackward(adapter_id, list(datums), loss_fn, dict(loss_config or {}), forward_only=True)
+        return await self.submit(call)
 
     async def optim_step(self, adapter_id: str, params: AdamParams | None = None) -> OptimStepOutput:
         return await self.submit(OptimStep(adapter_id, params or AdamParams()))

@@ -110,7 +110,9 @@ class Sample(Request, tag="sample", kw_only=True, frozen=True):
 class Datum(msgspec.Struct, kw_only=True, frozen=True):
     """One training sequence: ``input_tokens[t]`` predicts ``target_tokens[t]`` with ``weights[t]``.
 
-    ``weights=None`` means all ones; RL losses also read ``logprobs`` and ``advantages`` per token.
+    ``weights=None`` means all ones; RL losses also read ``logprobs`` and ``advantages`` per token; the
+    clipped losses optional per-token ``clip_low_threshold`` / ``clip_high_threshold``, gspo its
+    ``sequence_ratio_mask`` (see ``engine.losses``).
     """
 
     input_tokens: I32Array
@@ -118,28 +120,45 @@ class Datum(msgspec.Struct, kw_only=True, frozen=True):
     weights: F32Array | None = None
     logprobs: F32Array | None = None
     advantages: F32Array | None = None
+    clip_low_threshold: F32Array | None = None
+    clip_high_threshold: F32Array | None = None
+    sequence_ratio_mask: F32Array | None = None
 
     def __post_init__(self) -> None:
-        _check_arrays(self, {"input_tokens": 4, "target_tokens": 4, "weights": 4, "logprobs": 4, "advantages": 4})
+        _check_arrays(
+            self,
+            {
+                "input_tokens": 4,
+                "target_tokens": 4,
+                "weights": 4,
+                "logprobs": 4,
+                "advantages": 4,
+                "clip_low_threshold": 4,
+                "clip_high_threshold": 4,
+                "sequence_ratio_mask": 4,
+            },
+        )
 
 
 class ForwardBackward(Request, tag="forward_backward", kw_only=True, frozen=True):
-    """Gradients accumulate in the adapter until its next ``optim_step``."""
+    """Gradients accumulate in the adapter until its next ``optim_step``; ``forward_only`` (Tinker's
+    ``forward``) computes the same losses and logprobs and leaves the gradients alone."""
 
     datums: list[Datum]
     loss_fn: str = "cross_entropy"
     loss_config: dict[str, float] = msgspec.field(default_factory=dict)
+    forward_only: bool = False
 
 
 class OptimStep(Request, tag="optim_step", kw_only=True, frozen=True):
-    """One AdamW step; the defaults are the Tinker SDK's."""
+    """One AdamW step; the defaults are the Tinker SDK's (``grad_clip_norm`` 0.0: no clipping)."""
 
     learning_rate: float = 1e-4
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-12
     weight_decay: float = 0.0
-    grad_clip_norm: float = 1.0
+    grad_clip_norm: float = 0.0
 
 
 class SaveState(Request, tag="save_state", kw_only=True, frozen=True):

@@ -264,6 +264,55 @@ def test_top_k_cross_entropy_equals_its_columns_trained_alone(gateway: GatewayHa
     sc.close("success").result()
 
 
+def test_rl_losses_follow_tinkers_formulas_through_the_sdk(gateway: GatewayHarness) -> None:
+    """ppo with a low threshold above 1, cispo's default [0, 4], per-datum thresholds, gspo and dro: each
+    ``forward`` loss is Tinker's formula over the trainer's logprobs, and ``forward_backward`` trains on it."""
+    sc = service(gateway)
+    tc = sc.create_lora_training_client(base_model=str(gateway.model), rank=4, seed=12).result()
+    tokens = [5, 9, 17, 40, 41, 3, 22]
+    n = len(tokens) - 1
+    plain = types.Datum(
+        model_input=types.ModelInput.from_ints(tokens[:-1]),
+        loss_fn_inputs={"target_tokens": np.array(tokens[1:]), "weights": np.ones(n, np.float32)},
+    )
+    lp = np.asarray(tc.forward([plain], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].data, np.float64)
+    rng = np.random.default_rng(4)
+    q = (lp + rng.normal(0, 0.7, n)).astype(np.float32)
+    adv = rng.normal(0, 1, n).astype(np.float32)
+    mask = np.array([0, 0, 1, 1, 1, 1], np.float32)
+    ratio = np.exp(lp - q)
+    seq = np.exp(((lp - q) * mask).sum() / mask.sum())
+
+    def rl(**extra: np.ndarray) -> types.Datum:
+        inputs = {"target_tokens": np.array(tokens[1:]), "logprobs": q, "advantages": adv, **extra}
+        return types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]), loss_fn_inputs=inputs)
+
+    def ppo(r: np.ndarray | float, low: float, high: float | np.ndarray) -> float:
+        return float(-np.minimum(r * adv, np.clip(r, low, high) * adv).sum())
+
+    cases = [
+        ("ppo", rl(), {"clip_low_threshold": 1.1, "clip_high_threshold": 2.0}, ppo(ratio, 1.1, 2.0)),
+        ("cispo", rl(), None, float(-(np.clip(ratio, 0.0, 4.0) * lp * adv).sum())),
+        ("ppo", rl(clip_high_threshold=np.full(n, 1.05, np.float32)), None, ppo(ratio, 0.8, 1.05)),
+        ("gspo", rl(sequence_ratio_mask=mask), None, ppo(seq, 0.8, 1.2)),
+        ("dro", rl(), {"beta": 0.3}, float(-(lp * adv - 0.15 * (lp - q) ** 2).sum())),
+    ]
+    for loss_fn, datum, config, expected in cases:
+        got = tc.forward([datum], loss_fn, loss_fn_config=config).result()
+        assert got.metrics["loss:sum"] == pytest.approx(expected, rel=1e-4, abs=1e-5), loss_fn
+        np.testing.assert_allclose(got.loss_fn_outputs[0]["logprobs"].data, lp, atol=1e-5)
+    trained = tc.forward_backward([cases[3][1]], "gspo").result()
+    assert trained.metrics["loss:sum"] == pytest.approx(cases[3][3], rel=1e-4, abs=1e-5)
+    assert tc.optim_step(types.AdamParams(learning_rate=1e-2)).result().metrics["version"] == 1.0
+    after = np.asarray(tc.forward([plain], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].data)
+    assert not np.allclose(after, lp, atol=1e-6), "the gspo step changed nothing"
+    with pytest.raises(tinker.BadRequestError, match="beta"):
+        tc.forward([rl()], "dro").result()
+    with pytest.raises(tinker.BadRequestError, match="sequence_ratio_mask"):
+        tc.forward_backward([rl()], "gspo").result()
+    sc.close("success").result()
+
+
 def test_calls_the_gateway_cannot_serve_fail_at_once_with_the_reason(gateway: GatewayHarness) -> None:
     sc = service(gateway)
     tc = sc.create_lora_training_client(base_model=str(gateway.model), rank=4, seed=1).result()

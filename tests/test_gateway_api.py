@@ -18,6 +18,7 @@ from hotlora.engine.losses import LossInputs, compute_loss
 from hotlora.gateway import proto
 from hotlora.gateway import tinker_api as api
 from hotlora.gateway.futures import FutureTable, Lanes
+from hotlora.gateway.server import Gateway
 from hotlora.gateway.tenants import KeyMap, derived_identity
 from hotlora.gateway.tinker_api import Checkpoint, TinkerError
 
@@ -147,35 +148,41 @@ def test_key_map_file_admits_only_listed_keys(tmp_path) -> None:
 # ----- losses -----
 
 
-def test_clip_thresholds_map_onto_engine_offsets() -> None:
-    assert api.engine_loss_config("ppo", {}) == pytest.approx({"clip_epsilon_low": 0.2, "clip_epsilon_high": 0.2})
-    # CISPO's Tinker default is one-sided [0, 4], not the engine's [0.8, 1.2].
-    assert api.engine_loss_config("cispo", {}) == {"clip_epsilon_low": 1.0, "clip_epsilon_high": 3.0}
-    config = api.engine_loss_config("ppo", {"clip_low_threshold": 0.5, "clip_high_threshold": 2.0})
-    assert config == {"clip_epsilon_low": 0.5, "clip_epsilon_high": 1.0}
+def test_loss_configs_pass_to_the_engine_as_tinkers_settings() -> None:
+    # The engine takes Tinker's absolute thresholds and beta, with Tinker's defaults: nothing to translate.
+    assert api.engine_loss_config("ppo", {}) == {}
+    assert api.engine_loss_config("cispo", {"clip_high_threshold": 5}) == {"clip_high_threshold": 5.0}
+    config = {"clip_low_threshold": 1.1, "clip_high_threshold": 2.0}  # a low bound above 1 is fine now
+    assert api.engine_loss_config("gspo", config) == config
+    assert api.engine_loss_config("ppo", {"clip_high_threshold": 0.9, "clip_low_threshold": 0.5}) == {
+        "clip_high_threshold": 0.9,
+        "clip_low_threshold": 0.5,
+    }
+    assert api.engine_loss_config("dro", {"beta": 0.05}) == {"beta": 0.05}
     assert api.engine_loss_config("importance_sampling", {}) == {}
     for loss_fn, config_in, match in [
-        ("ppo", {"clip_low_threshold": 1.1}, "not supported"),  # a low bound above 1: not expressible yet
-        ("ppo", {"clip_high_threshold": 0.9}, "not supported"),
         ("ppo", {"clip_low_threshold": 0.9, "clip_high_threshold": 0.8}, "above"),
-        ("ppo", {"clip_epsilon": 0.1}, "not understood"),
+        ("ppo", {"clip_high_threshold": 0.5}, "above"),  # below the default low threshold, 0.8
+        ("cispo", {"clip_low_threshold": -1.0}, ">= 0"),
+        ("ppo", {"clip_epsilon": 0.1}, "not understood"),  # hotlora's offsets are not Tinker's keys
+        ("ppo", {"clip_high_threshold": float("nan")}, "finite"),
+        ("dro", {}, "beta"),
         ("cross_entropy", {"x": 1.0}, "takes no loss_fn_config"),
         ("stable_reinforce", {}, "not supported"),
-        ("gspo", {}, "not supported"),
-        ("dro", {}, "not supported"),
+        ("custom", {}, "not supported"),
         ("nonsense", {}, "unknown loss_fn"),
     ]:
         with pytest.raises(TinkerError, match=match):
             api.engine_loss_config(loss_fn, config_in)
 
 
-@pytest.mark.parametrize("loss_fn", ["cross_entropy", "importance_sampling", "ppo", "cispo"])
-def test_gateway_losses_follow_tinkers_formulas_and_equal_the_engines(loss_fn: str) -> None:
-    """``tinker_loss`` (for forward-only calls) is Tinker's documented formula, and the engine's loss with
-    the mapped settings is the same number: the mapping loses nothing."""
+@pytest.mark.parametrize("loss_fn", ["cross_entropy", "importance_sampling", "ppo", "cispo", "gspo", "dro"])
+def test_the_engine_computes_tinkers_formula_from_the_gateways_datum(loss_fn: str) -> None:
+    """The gateway's engine datum and config give the engine's loss Tinker's documented value (numpy here)."""
     gen = np.random.default_rng(0)
     n = 12
     lp = -gen.random(n).astype(np.float32) * 3
+    mask = (np.arange(n) >= 4).astype(np.float32)
     inputs = {
         "target_tokens": gen.integers(0, 50, n),
         "weights": (gen.random(n) > 0.3).astype(np.float32),
@@ -184,30 +191,45 @@ def test_gateway_losses_follow_tinkers_formulas_and_equal_the_engines(loss_fn: s
     }
     if loss_fn == "cross_entropy":
         inputs = {k: inputs[k] for k in ("target_tokens", "weights")}
+    if loss_fn == "gspo":
+        inputs["sequence_ratio_mask"] = mask
+    if loss_fn == "ppo":
+        inputs["clip_high_threshold"] = np.asarray([1.5], np.float32)  # one threshold for the whole datum
     datum = api.TDatum(np.arange(n), inputs)
-    thresholds = {"ppo": {"clip_low_threshold": 0.7}, "cispo": {}}.get(loss_fn, {})
-    config = api.engine_loss_config(loss_fn, thresholds)
-    got = api.tinker_loss(loss_fn, config, lp, datum)
+    api.check_datum(loss_fn, 0, datum)
+    tinker_config = {"ppo": {"clip_low_threshold": 0.7}, "dro": {"beta": 0.2}}.get(loss_fn, {})
+    config = api.engine_loss_config(loss_fn, tinker_config)
     w, q, adv = inputs["weights"].astype(np.float64), inputs.get("logprobs"), inputs.get("advantages")
-    ratio = None if q is None else np.exp(lp.astype(np.float64) - q)
+    lp64 = lp.astype(np.float64)
+    ratio = None if q is None else np.exp(lp64 - q)
+    seq = None if q is None else np.exp(((lp64 - q) * mask).sum() / mask.sum())
     expected = {
-        "cross_entropy": lambda: -(w * lp).sum(),
+        "cross_entropy": lambda: -(w * lp64).sum(),
         "importance_sampling": lambda: -(w * ratio * adv).sum(),
-        "ppo": lambda: -(w * np.minimum(ratio * adv, np.clip(ratio, 0.7, 1.2) * adv)).sum(),
-        "cispo": lambda: -(w * np.clip(ratio, 0.0, 4.0) * lp * adv).sum(),
+        "ppo": lambda: -(w * np.minimum(ratio * adv, np.clip(ratio, 0.7, 1.5) * adv)).sum(),
+        "cispo": lambda: -(w * np.clip(ratio, 0.0, 4.0) * lp64 * adv).sum(),
+        "gspo": lambda: -(w * np.minimum(seq * adv, np.clip(seq, 0.8, 1.2) * adv)).sum(),
+        "dro": lambda: -(w * (lp64 * adv - 0.1 * (lp64 - q) ** 2)).sum(),
     }[loss_fn]()
-    assert got == pytest.approx(float(expected), rel=1e-5)
-    engine = compute_loss(
+    engine_datum = Gateway._engine_datum(datum)
+
+    def row(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t[None].double()
+
+    got = compute_loss(
         loss_fn,
         LossInputs(
-            torch.from_numpy(lp)[None],
-            torch.from_numpy(inputs["weights"])[None],
-            None if q is None else torch.from_numpy(q)[None],
-            None if adv is None else torch.from_numpy(adv)[None],
+            torch.from_numpy(lp)[None].double(),
+            row(engine_datum.weights),
+            row(engine_datum.logprobs),
+            row(engine_datum.advantages),
+            clip_low=None if engine_datum.clip_low_threshold is None else row(engine_datum.clip_low_threshold),
+            clip_high=None if engine_datum.clip_high_threshold is None else row(engine_datum.clip_high_threshold),
+            ratio_mask=row(engine_datum.sequence_ratio_mask),
         ),
         config,
     )
-    assert float(engine[0]) == pytest.approx(float(expected), rel=1e-5)
+    assert float(got[0]) == pytest.approx(float(expected), rel=1e-5)
 
 
 def test_datums_the_engine_cannot_train_on_yet_are_refused_with_the_reason() -> None:
@@ -218,8 +240,12 @@ def test_datums_the_engine_cannot_train_on_yet_are_refused_with_the_reason() -> 
     with pytest.raises(TinkerError, match=r"top-K"):
         api.check_datum("importance_sampling", 0, top_k)
     clips = api.TDatum(tokens, {"target_tokens": tokens, "clip_low_threshold": np.zeros(4, np.float32)})
-    with pytest.raises(TinkerError, match="per-datum"):
-        api.check_datum("ppo", 0, clips)
+    with pytest.raises(TinkerError, match="not used by 'importance_sampling'"):
+        api.check_datum("importance_sampling", 0, clips)
+    clips.inputs |= {"logprobs": np.zeros(4, np.float32), "advantages": np.ones(4, np.float32)}
+    api.check_datum("ppo", 0, clips)  # per-token thresholds: served
+    with pytest.raises(TinkerError, match="sequence_ratio_mask"):
+        api.check_datum("gspo", 0, clips)
     short = api.TDatum(tokens, {"target_tokens": tokens[:3]})
     with pytest.raises(TinkerError, match="shape"):
         api.check_datum("cross_entropy", 0, short)

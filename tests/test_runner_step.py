@@ -124,11 +124,11 @@ def test_a_failed_step_leaves_gradients_as_they_were(
     original = ModelRunner.run_micro_batch
     ran: list[int] = []
 
-    def failing(self: ModelRunner, batch, calls):  # type: ignore[no-untyped-def]
+    def failing(self: ModelRunner, batch, calls, *args, **kwargs):  # type: ignore[no-untyped-def]
         if len(ran) == failing_batch:
             raise torch.OutOfMemoryError("injected: CUDA out of memory")
         ran.append(1)
-        return original(self, batch, calls)
+        return original(self, batch, calls, *args, **kwargs)
 
     monkeypatch.setattr(ModelRunner, "run_micro_batch", failing)
     with pytest.raises(torch.OutOfMemoryError):

@@ -27,7 +27,15 @@ from hotlora.engine.kafka.convert import (
     to_engine,
     to_wire,
 )
-from hotlora.engine.types import AdamParams, Datum, ForwardBackwardOutput, LoraSpec, OptimStepOutput, SamplingParams
+from hotlora.engine.types import (
+    FLOAT_FIELDS,
+    AdamParams,
+    Datum,
+    ForwardBackwardOutput,
+    LoraSpec,
+    OptimStepOutput,
+    SamplingParams,
+)
 from hotlora.engine.types import AdapterInfo as EngineAdapterInfo
 from hotlora.engine.types import SampledSequence as EngineSampledSequence
 from hotlora.schemas import (
@@ -266,7 +274,7 @@ def test_topics_route_every_message() -> None:
 
 
 def _datum_fields(datum: Datum) -> list[list[float] | None]:
-    names = ("input_tokens", "target_tokens", "weights", "logprobs", "advantages")
+    names = ("input_tokens", "target_tokens", *FLOAT_FIELDS)
     return [None if getattr(datum, n) is None else getattr(datum, n).tolist() for n in names]
 
 
@@ -275,11 +283,12 @@ def _same_request(a: eng.Request, b: eng.Request) -> None:
     if isinstance(a, eng.ForwardBackward):
         assert isinstance(b, eng.ForwardBackward)
         assert [_datum_fields(d) for d in a.datums] == [_datum_fields(d) for d in b.datums]
-        assert (a.adapter_id, a.loss_fn, a.loss_config, a.request_id) == (
+        assert (a.adapter_id, a.loss_fn, a.loss_config, a.request_id, a.forward_only) == (
             b.adapter_id,
             b.loss_fn,
             b.loss_config,
             b.request_id,
+            b.forward_only,
         )
     else:
         assert a == b
@@ -294,12 +303,17 @@ def _datums(draw: st.DrawFn) -> Datum:
     n = draw(st.integers(1, 5))
     tokens = st.lists(st.integers(0, 50_000), min_size=n, max_size=n)
     floats = st.lists(_f32, min_size=n, max_size=n)
+    lows = st.lists(st.floats(0, 1, width=32), min_size=n, max_size=n)  # thresholds: low <= 1 <= high
+    highs = st.lists(st.floats(1, 50, width=32), min_size=n, max_size=n)
     return Datum.create(
         draw(tokens),
         draw(tokens),
         draw(floats),
         draw(st.none() | floats),
         draw(st.none() | floats),
+        clip_low_threshold=draw(st.none() | lows),
+        clip_high_threshold=draw(st.none() | highs),
+        sequence_ratio_mask=draw(st.none() | floats),
     )
 
 
@@ -338,8 +352,9 @@ engine_requests = st.one_of(
         eng.ForwardBackward,
         _adapter,
         st.lists(_datums(), min_size=1, max_size=3),
-        st.sampled_from(["cross_entropy", "ppo"]),
+        st.sampled_from(["cross_entropy", "ppo", "gspo", "dro"]),
         st.dictionaries(st.sampled_from(["clip_low", "clip_high"]), st.floats(0, 1)),
+        forward_only=st.booleans(),
     ),
     st.builds(eng.OptimStep, _adapter, st.builds(AdamParams, learning_rate=st.floats(0, 1))),
     st.builds(eng.SaveState, _adapter, st.text(min_size=1, max_size=10), st.booleans()),

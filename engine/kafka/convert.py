@@ -64,7 +64,14 @@ def to_engine(message: wire.RequestMessage) -> eng.Request:
         return eng.Sample(adapter_id or None, prompt, message.n, params, request_id=rid)
     if isinstance(message, wire.ForwardBackward):
         datums = [_datum_to_engine(d) for d in message.datums]
-        return eng.ForwardBackward(adapter_id, datums, message.loss_fn, dict(message.loss_config), request_id=rid)
+        return eng.ForwardBackward(
+            adapter_id,
+            datums,
+            message.loss_fn,
+            dict(message.loss_config),
+            request_id=rid,
+            forward_only=message.forward_only,
+        )
     if isinstance(message, wire.OptimStep):
         params = AdamParams(
             learning_rate=message.learning_rate,
@@ -133,6 +140,7 @@ def to_wire(
             datums=[_datum_to_wire(d) for d in request.datums],
             loss_fn=request.loss_fn,
             loss_config={k: float(v) for k, v in request.loss_config.items()},
+            forward_only=request.forward_only,
             **envelope,
         )
     if isinstance(request, eng.OptimStep):
@@ -169,6 +177,9 @@ def _datum_to_engine(datum: wire.Datum) -> EngineDatum:
         floats(datum.weights),
         floats(datum.logprobs),
         floats(datum.advantages),
+        clip_low_threshold=floats(datum.clip_low_threshold),
+        clip_high_threshold=floats(datum.clip_high_threshold),
+        sequence_ratio_mask=floats(datum.sequence_ratio_mask),
     )
 
 
@@ -182,6 +193,9 @@ def _datum_to_wire(datum: EngineDatum) -> wire.Datum:
         weights=floats(datum.weights),
         logprobs=floats(datum.logprobs),
         advantages=floats(datum.advantages),
+        clip_low_threshold=floats(datum.clip_low_threshold),
+        clip_high_threshold=floats(datum.clip_high_threshold),
+        sequence_ratio_mask=floats(datum.sequence_ratio_mask),
     )
 
 

@@ -201,7 +201,7 @@ async def rl_steps(
         datums = [rl_datum(prompt, s.tokens, s.logprobs, a) for s, a in zip(group.sequences, advantages, strict=True)]
         fb = await engine.forward_backward(adapter_id, datums, "importance_sampling")
         t2 = time.perf_counter()
-        out = await engine.optim_step(adapter_id, AdamParams(learning_rate=cfg.learning_rate))
+        out = await engine.optim_step(adapter_id, AdamParams(learning_rate=cfg.learning_rate, grad_clip_norm=1.0))
         t3 = time.perf_counter()
         if step >= cfg.rl_warmup:
             sampled = [lp for s in group.sequences for lp in s.logprobs]

@@ -138,7 +138,7 @@ async def tenant(
     rng = random.Random(cfg.seed * 100_003 + index)
     await client.create_adapter(adapter_id, LoraSpec(rank=cfg.rank, alpha=2.0 * cfg.rank, seed=index))
     counts.ok("create_adapter")
-    adam = AdamParams(learning_rate=1e-3)
+    adam = AdamParams(learning_rate=1e-3, grad_clip_norm=1.0)
     step = 0
     first = True
     while time.monotonic() < stop_at[0]:

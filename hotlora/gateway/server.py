@@ -238,26 +238,17 @@ class Gateway:
                 api.check_datum(request.loss_fn, i, datum)
             # Top-K targets (N, K): K datums over the same input (api.columns); their results are joined below.
             columns = [api.columns(d) for d in request.data]
-            datums = [self._engine_datum(c, zero_weights=request.forward_only) for cols in columns for c in cols]
+            datums = [self._engine_datum(c) for cols in columns for c in cols]
         except TinkerError as err:
             raise self.refuse_in_lane(adapter_id, request.seq_id, err) from None
         except HotLoraError as err:  # Datum.create's checks (negative ids, NaNs)
             raise self.refuse_in_lane(adapter_id, request.seq_id, TinkerError(err.message)) from None
 
         async def work(tenant: Tenant) -> api.FwdBwdResult:
-            if request.forward_only:
-                # No forward-only call on the engine yet: cross-entropy with all weights 0 computes the same
-                # per-token logprobs and adds exactly zero to the accumulated gradients. The loss is Tinker's,
-                # computed here from those logprobs.
-                out = await tenant.client.forward_backward(adapter_id, datums, "cross_entropy")
-                column_lps = [lp.numpy() for lp in out.logprobs]
-                column_losses = [
-                    api.tinker_loss(request.loss_fn, config, lp, c)
-                    for lp, c in zip(column_lps, [c for cols in columns for c in cols], strict=True)
-                ]
-            else:
-                out = await tenant.client.forward_backward(adapter_id, datums, request.loss_fn, config)
-                column_lps, column_losses = [lp.numpy() for lp in out.logprobs], list(out.losses)
+            # ``forward`` is the engine's forward-only call: the same losses and logprobs, no gradient.
+            verb = tenant.client.forward if request.forward_only else tenant.client.forward_backward
+            out = await verb(adapter_id, datums, request.loss_fn, config)
+            column_lps, column_losses = [lp.numpy() for lp in out.logprobs], list(out.losses)
             logprobs, losses, at = [], [], 0
             for cols, datum in zip(columns, request.data, strict=True):
                 k = len(cols)
@@ -270,9 +261,8 @@ class Gateway:
         return {"request_id": self.start_work(identity, work, adapter_id, request.seq_id), "model_id": request.model_id}
 
     @staticmethod
-    def _engine_datum(datum: api.TDatum, zero_weights: bool) -> Datum:
+    def _engine_datum(datum: api.TDatum) -> Datum:
         inputs = datum.inputs
-        weights = np.zeros(datum.tokens.size, np.float32) if zero_weights else inputs.get("weights")
 
         def tensor(values: np.ndarray | None) -> torch.Tensor | None:
             return None if values is None else torch.from_numpy(np.array(values))  # a writable copy
@@ -280,9 +270,12 @@ class Gateway:
         return Datum.create(
             tensor(datum.tokens),
             tensor(inputs["target_tokens"]),
-            tensor(weights),
+            tensor(inputs.get("weights")),
             tensor(inputs.get("logprobs")),
             tensor(inputs.get("advantages")),
+            clip_low_threshold=tensor(api.per_token(datum, "clip_low_threshold")),
+            clip_high_threshold=tensor(api.per_token(datum, "clip_high_threshold")),
+            sequence_ratio_mask=tensor(inputs.get("sequence_ratio_mask")),
         )
 
     def optim_step(self, identity: Identity, body: dict[str, Any]) -> dict[str, Any]:
@@ -496,12 +489,12 @@ class Gateway:
 
     @staticmethod
     async def _prompt_logprobs(tenant: Tenant, adapter_id: str, prompt: list[int], last_n: int) -> np.ndarray:
-        """The prompt's logprobs under ``adapter_id``: a forward through the trainer (cross-entropy with all
-        weights 0: the logprobs, and exactly no gradient), NaN for the first token and any before ``last_n``."""
+        """The prompt's logprobs under ``adapter_id``: a forward-only call through the trainer (the logprobs, no
+        gradient), NaN for the first token and any before ``last_n``."""
         scored = np.full(len(prompt), np.nan, dtype=np.float32)
         if last_n > 0:
-            datum = Datum.create(prompt[:-1], prompt[1:], [0.0] * (len(prompt) - 1))
-            out = await tenant.client.forward_backward(adapter_id, [datum], "cross_entropy")
+            datum = Datum.create(prompt[:-1], prompt[1:])
+            out = await tenant.client.forward(adapter_id, [datum], "cross_entropy")
             scored[len(prompt) - last_n :] = out.logprobs[0].numpy()[-last_n:]
         return scored
 

@@ -30,7 +30,9 @@ from typing import Any
 
 import numpy as np
 
+from hotlora.engine.losses import validate_loss_config
 from hotlora.gateway import proto
+from hotlora.schemas.errors import HotLoraError
 
 # ----- errors -----
 
@@ -308,62 +310,62 @@ def fwdbwd_from_proto(body: bytes) -> FwdBwd:
     )
 
 
-# ----- losses: Tinker's settings onto the engine's -----
+# ----- losses: Tinker's settings, checked here, computed by the engine (``engine.losses``) -----
 
-RL_LOSSES = ("importance_sampling", "ppo", "cispo")
-LOSS_INPUTS = {
+RL_LOSSES = ("importance_sampling", "ppo", "cispo", "gspo", "dro")
+CLIPPED = ("ppo", "cispo", "gspo")
+THRESHOLD_INPUTS = ("clip_low_threshold", "clip_high_threshold")  # per-datum tensors of the clipped losses
+LOSS_INPUTS: dict[str, set[str]] = {
     "cross_entropy": {"target_tokens", "weights"},
     **{name: {"target_tokens", "weights", "logprobs", "advantages"} for name in RL_LOSSES},
 }
-# Tinker's default clip thresholds (absolute bounds on the ratio p/q): PPO's symmetric 0.2, CISPO's
-# one-sided [0, 4] (tinker-docs losses/cispo). The engine takes offsets from 1 in [0, 10).
-DEFAULT_THRESHOLDS = {"ppo": (0.8, 1.2), "cispo": (0.0, 4.0)}
+for _name in CLIPPED:
+    LOSS_INPUTS[_name] |= set(THRESHOLD_INPUTS)
+LOSS_INPUTS["gspo"].add("sequence_ratio_mask")
+# Tinker's loss_fn_config keys; the engine's own offsets (clip_epsilon...) are not Tinker's and stay out.
+LOSS_CONFIG = {"cross_entropy": set(), "importance_sampling": set(), "dro": {"beta"}} | {
+    name: set(THRESHOLD_INPUTS) for name in CLIPPED
+}
 NOT_YET = {
-    "stable_reinforce": "needs the sampler's recorded stability info and sequence ids",
-    "gspo": "needs a sequence-level ratio in the engine",
-    "dro": "needs the DRO loss in the engine",
+    "stable_reinforce": (
+        "its objective reads stability information that Tinker's sampler records server-side, and Tinker does "
+        "not publish that objective; train with importance_sampling, ppo, cispo, gspo or dro"
+    ),
     "custom": "server-side custom losses are not implemented; forward_backward_custom runs client-side",
 }
 
 
 def engine_loss_config(loss_fn: str, config: Mapping[str, Any]) -> dict[str, float]:
-    """Tinker's ``loss_fn_config`` as the engine's ``loss_config`` (clip offsets), or a clear refusal."""
+    """Tinker's ``loss_fn_config`` as the engine's ``loss_config`` (the same keys: the engine takes Tinker's
+    absolute thresholds and ``beta``, with Tinker's defaults), or a clear refusal before anything runs."""
     if loss_fn in NOT_YET:
         raise unsupported(f"loss_fn {loss_fn!r} ({NOT_YET[loss_fn]})")
-    if loss_fn not in LOSS_INPUTS:
-        raise TinkerError(f"unknown loss_fn {loss_fn!r}; use one of {sorted(LOSS_INPUTS)}")
-    if loss_fn not in DEFAULT_THRESHOLDS:
-        if config:
-            raise TinkerError(f"loss_fn {loss_fn!r} takes no loss_fn_config, got {sorted(config)}")
-        return {}
-    unknown = set(config) - {"clip_low_threshold", "clip_high_threshold"}
+    if loss_fn not in LOSS_CONFIG:
+        raise TinkerError(f"unknown loss_fn {loss_fn!r}; use one of {sorted(LOSS_CONFIG)}")
+    unknown = set(config) - LOSS_CONFIG[loss_fn]
     if unknown:
-        raise TinkerError(f"loss_fn_config keys {sorted(unknown)} are not understood by {loss_fn!r}")
+        if not LOSS_CONFIG[loss_fn]:
+            raise TinkerError(f"loss_fn {loss_fn!r} takes no loss_fn_config, got {sorted(config)}")
+        raise TinkerError(
+            f"loss_fn_config keys {sorted(unknown)} are not understood by {loss_fn!r} "
+            f"(allowed: {sorted(LOSS_CONFIG[loss_fn])})"
+        )
     for key, value in config.items():
         if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
             raise TinkerError(f"loss_fn_config[{key!r}] must be a finite number, got {value!r}")
-    low_default, high_default = DEFAULT_THRESHOLDS[loss_fn]
-    low = float(config.get("clip_low_threshold", low_default))
-    high = float(config.get("clip_high_threshold", high_default))
-    if low > high:
-        raise TinkerError(f"clip_low_threshold {low} is above clip_high_threshold {high}")
-    eps_low, eps_high = 1.0 - low, high - 1.0
-    if not (0.0 <= eps_low < 10.0 and 0.0 <= eps_high < 10.0):
-        raise unsupported(
-            f"clip thresholds [{low}, {high}] ({loss_fn}): the engine clips to [1 - a, 1 + b] with a, b in [0, 10), "
-            "so the low threshold must lie in (-9, 1] and the high one in [1, 11)"
-        )
-    return {"clip_epsilon_low": eps_low, "clip_epsilon_high": eps_high}
+    engine_config = {key: float(value) for key, value in config.items()}
+    try:
+        validate_loss_config(loss_fn, engine_config)
+    except HotLoraError as err:
+        raise TinkerError(err.message) from None
+    return engine_config
 
 
 def check_datum(loss_fn: str, i: int, datum: TDatum) -> None:
-    """Refuse, with the reason, what the engine cannot train on yet (rather than train on something else)."""
+    """Refuse, with the reason, what the engine cannot train on (rather than train on something else)."""
     allowed = LOSS_INPUTS.get(loss_fn, set())
     extra = set(datum.inputs) - allowed
     if extra:
-        per_datum_clips = extra & {"clip_low_threshold", "clip_high_threshold"}
-        if per_datum_clips:
-            raise unsupported(f"per-datum {sorted(per_datum_clips)} tensors")
         raise TinkerError(
             f"datum {i}: loss_fn_inputs {sorted(extra)} are not used by {loss_fn!r} (allowed: {sorted(allowed)})"
         )
@@ -376,12 +378,24 @@ def check_datum(loss_fn: str, i: int, datum: TDatum) -> None:
     if target.ndim not in (1, 2) or target.shape[0] != n:
         raise TinkerError(f"datum {i}: target_tokens has shape {list(target.shape)}, model_input has {n} tokens")
     for name, value in datum.inputs.items():
+        if name in THRESHOLD_INPUTS and value.size == 1 and value.ndim <= 1:
+            continue  # one threshold for the whole datum
         if value.shape != target.shape:
             raise TinkerError(
                 f"datum {i}: loss_fn_inputs[{name!r}] has shape {list(value.shape)}, target_tokens {list(target.shape)}"
             )
     if loss_fn in RL_LOSSES and not {"logprobs", "advantages"} <= set(datum.inputs):
         raise TinkerError(f"datum {i}: {loss_fn!r} needs logprobs and advantages in loss_fn_inputs")
+    if loss_fn == "gspo" and "sequence_ratio_mask" not in datum.inputs:
+        raise TinkerError(f"datum {i}: 'gspo' needs sequence_ratio_mask in loss_fn_inputs (the sampled tokens)")
+
+
+def per_token(datum: TDatum, name: str) -> np.ndarray | None:
+    """A per-token loss input (a datum-wide threshold repeated over its tokens), None if absent."""
+    value = datum.inputs.get(name)
+    if value is None or (value.ndim == 1 and value.size == datum.tokens.size):
+        return value
+    return np.full(datum.tokens.size, float(value.reshape(-1)[0]), dtype=np.float32)
 
 
 def columns(datum: TDatum) -> list[TDatum]:
@@ -394,26 +408,6 @@ def columns(datum: TDatum) -> list[TDatum]:
         TDatum(datum.tokens, {name: value[:, k] for name, value in datum.inputs.items()})
         for k in range(target.shape[1])
     ]
-
-
-def tinker_loss(loss_fn: str, config: Mapping[str, float], target_lp: np.ndarray, datum: TDatum) -> float:
-    """One datum's loss by Tinker's formula, from the trainer's target logprobs (a forward-only call)."""
-    w = datum.inputs.get("weights")
-    w = np.ones_like(target_lp) if w is None else w.astype(np.float64)
-    lp = target_lp.astype(np.float64)
-    if loss_fn == "cross_entropy":
-        return float(-(w * lp).sum())
-    q = datum.inputs["logprobs"].astype(np.float64)
-    adv = datum.inputs["advantages"].astype(np.float64)
-    ratio = np.exp(lp - q)
-    low, high = 1.0 - config.get("clip_epsilon_low", 0.2), 1.0 + config.get("clip_epsilon_high", 0.2)
-    if loss_fn == "importance_sampling":
-        objective = ratio * adv
-    elif loss_fn == "ppo":
-        objective = np.minimum(ratio * adv, np.clip(ratio, low, high) * adv)
-    else:  # cispo
-        objective = np.clip(ratio, low, high) * lp * adv
-    return float(-(w * objective).sum())
 
 
 # ----- sampling -----

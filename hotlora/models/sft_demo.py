@@ -79,7 +79,7 @@ def train_two_adapters(runner: ModelRunner, steps: int, seed: int = 0, lr: float
             first.setdefault(output.adapter_id, output.loss)
             last[output.adapter_id] = output.loss
         for adapter_id in specs:
-            runner.optim_step(adapter_id, AdamParams(learning_rate=lr))
+            runner.optim_step(adapter_id, AdamParams(learning_rate=lr, grad_clip_norm=1.0))
     return [
         SftResult(a, first[a], last[a], greedy_complete(runner, a, PROMPT, max_tokens=24), TARGETS[a]) for a in specs
     ]
