@@ -60,6 +60,7 @@ def test_killed_agent_resumes_its_experiment(
                 if first.returncode is None:
                     first.kill()
                 await first.wait()
+            before = {m.step for m in await reported() if m.step > 0}
             second = await asyncio.create_subprocess_exec(*command, "--resume", env=env)
             try:
                 assert await asyncio.wait_for(second.wait(), 300) == 0
@@ -73,7 +74,9 @@ def test_killed_agent_resumes_its_experiment(
         steps = [m.step for m in done]
         assert max(steps) == STEPS
         assert len(steps) == len(set(steps)), f"a step was reported twice: {steps}"
-        assert set(range(3, STEPS + 1)) <= set(steps)
+        # The kill can land between a step's optim_step and its report: that step is done but its
+        # metrics are lost (resume_point does not redo it). Every later step is reported.
+        assert set(range(max(before) + 2, STEPS + 1)) <= set(steps), (before, steps)
         last = max(done, key=lambda m: m.step)
         assert info is not None and info.version == last.version
 
