@@ -59,7 +59,7 @@ import itertools
 import math
 import operator
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -537,7 +537,7 @@ class NativeSampler:
             self._store.release()  # an idle sampler holds no KV memory
             self._rebuild()
             return
-        active = self._share({id(row.req): row.req for row in rows}.values())
+        active = self._share(list({id(row.req): row.req for row in rows}.values()))
         for row in rows:
             row.req.paused = id(row.req) not in active
         self._rows = sorted((row for row in rows if not row.req.paused), key=lambda row: row.sort_key)
@@ -545,11 +545,12 @@ class NativeSampler:
         self._layout()
         self._rebuild()
 
-    def _share(self, requests: Iterable[_Request]) -> set[int]:
+    def _share(self, requests: list[_Request]) -> set[int]:
         """Ids of the requests that decode: weighted max-min fairness over whole requests, oldest first.
 
         Repeatedly, the tenant with the fewest rows per unit of weight takes its oldest request if it fits
-        the rows left; a tenant whose oldest does not fit takes none (its requests keep their order).
+        the rows left; a tenant whose oldest does not fit takes no more. Rows that whole requests leave
+        idle then go to the oldest remaining requests that fit, whoever's they are (work-conserving).
         """
         queues: dict[str | None, deque[_Request]] = {}
         for state in sorted(requests, key=lambda s: s.order):
@@ -570,6 +571,12 @@ class NativeSampler:
             held[tenant] += state.request.n
             if queue:
                 heapq.heappush(heap, (held[tenant] / weights[tenant], queue[0].order, tenant))
+        for state in sorted(requests, key=lambda s: s.order):  # rows whole requests left idle: oldest that fit
+            if left <= 0:
+                break
+            if id(state) not in active and state.request.n <= left:
+                active.add(id(state))
+                left -= state.request.n
         return active
 
     def _layout(self) -> None:
