@@ -146,6 +146,8 @@ class Engine(Verbs):
         # (decoding, paused) rows per scheduler adapter id after the last decode slice: written by the
         # worker (one dict assignment), read by metrics and status on the event loop.
         self.tenant_rows: dict[str, tuple[int, int]] = {}
+        # (row-steps, row-steps shared with another tenant) per adapter since start, same threading.
+        self.row_steps: dict[str, tuple[int, int]] = {}
 
     @classmethod
     def from_pretrained(
@@ -262,7 +264,7 @@ class Engine(Verbs):
             done = await self._run_in_worker(self._execute, step)
             if metrics is not None:
                 metrics.step_finished(step, time.perf_counter() - started, self.runner.adapters)
-                metrics.observe_tenants(self.scheduler, self.tenant_rows)
+                metrics.observe_tenants(self.scheduler, self.tenant_rows, self.row_steps)
             if isinstance(step, RunBarrier) and self.rollout is not None:
                 await self._sync_rollout(self._requests.get(step.item.request_id), done)
             self._finish(done)
@@ -439,3 +441,7 @@ class Engine(Verbs):
                 break
         rows = self.sampler.tenant_rows()
         self.tenant_rows = {(adapter or BASE_ADAPTER): held for adapter, held in rows.items()}
+        self.row_steps = {
+            (adapter or BASE_ADAPTER): (steps, self.sampler.shared_row_steps[adapter])
+            for adapter, steps in self.sampler.row_steps.items()
+        }

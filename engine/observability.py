@@ -24,6 +24,7 @@ only from the event loop (``observe_request``, ``step_started``, ``step_finished
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -135,6 +136,15 @@ class EngineMetrics:
             "hotlora_quota_refusals", "Requests refused with quota_exceeded, by principal and quota",
             ["principal", "quota"], registry=r,
         )  # fmt: skip
+        self.row_steps = Counter(
+            "hotlora_decode_row_steps", "Decode rows the adapter ran, summed over decode steps", ["adapter"], registry=r
+        )
+        self.shared_row_steps = Counter(
+            "hotlora_shared_decode_row_steps",
+            "Decode rows the adapter ran in steps another adapter also decoded in (its share of a contended batch)",
+            ["adapter"], registry=r,
+        )  # fmt: skip
+        self._row_steps_seen: dict[str, tuple[int, int]] = {}
         self._tenant_labels: set[str] = set()
         self._tenant_rows: dict[str, tuple[int, int]] = {}
         self._adapters: dict[str, _AdapterStats] = {}
@@ -191,9 +201,25 @@ class EngineMetrics:
             self.resident_adapters.set(resident)
             self.offloaded_adapters.set(len(registry) - resident)
 
-    def observe_tenants(self, scheduler: Scheduler, tenant_rows: dict[str, tuple[int, int]]) -> None:
-        """Per-adapter queue depth and (decoding, paused) rows after a step; adapters gone drop to nothing."""
+    def observe_tenants(
+        self,
+        scheduler: Scheduler,
+        tenant_rows: dict[str, tuple[int, int]],
+        row_steps: dict[str, tuple[int, int]] | None = None,
+    ) -> None:
+        """Per-adapter queue depth and (decoding, paused) rows after a step; adapters gone drop to nothing.
+
+        ``row_steps``: the engine's running (row-steps, shared row-steps) per adapter; the counters take
+        what grew since the last call.
+        """
         self._tenant_rows = dict(tenant_rows)
+        for adapter, (total, shared) in (row_steps or {}).items():
+            seen_total, seen_shared = self._row_steps_seen.get(adapter, (0, 0))
+            if total > seen_total:
+                self.row_steps.labels(adapter).inc(total - seen_total)
+            if shared > seen_shared:
+                self.shared_row_steps.labels(adapter).inc(shared - seen_shared)
+            self._row_steps_seen[adapter] = (total, shared)
         names = set(tenant_rows) | {a for a in scheduler.adapter_ids() if scheduler.pending(a)}
         for adapter in self._tenant_labels - names:
             for metric in (self.queue_depth, self.decode_rows, self.paused_rows):
@@ -308,6 +334,9 @@ class EngineMetrics:
             self.latency.remove(adapter, kind)
         for metric in (self.sampled_tokens, self.trained_tokens, self.optim_steps, self.version, self.version_lag):
             metric.remove(adapter)
+        for metric in (self.row_steps, self.shared_row_steps):
+            with contextlib.suppress(KeyError):
+                metric.remove(adapter)
         if adapter in self._tenant_labels:
             self._tenant_labels.discard(adapter)
             for metric in (self.queue_depth, self.decode_rows, self.paused_rows):

@@ -58,7 +58,7 @@ import heapq
 import itertools
 import math
 import operator
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -248,6 +248,10 @@ class NativeSampler:
         self._failures: dict[str, HotLoraError] = {}
         self._order = itertools.count()
         self._sample_ids = itertools.count()
+        # Decode rows run per tenant, summed over steps; ``shared_row_steps`` only over steps in which at
+        # least two tenants decoded (each tenant's share of a contended batch, for metrics and benchmarks).
+        self.row_steps: Counter[str | None] = Counter()
+        self.shared_row_steps: Counter[str | None] = Counter()
         self._rebuild()
 
     def _new_store(self, config: PretrainedConfig, max_kv_bytes: int | None) -> KVStore:
@@ -607,6 +611,7 @@ class NativeSampler:
         rows = self._rows
         resident = rows + self._paused
         self._slots = [row.req.slot for row in rows]
+        self._decoding = Counter(row.req.tenant for row in rows)
         self._longest = max((row.cached for row in rows), default=0)  # the decode span
         self._kept = max((row.cached for row in resident), default=0)  # columns a regrowth must keep
         self._widest = max((row.req.columns for row in resident), default=0)
@@ -715,6 +720,9 @@ class NativeSampler:
 
     def _decode(self) -> list[tuple[str, list[SampledSequence]]]:
         logits = self._forward()
+        self.row_steps.update(self._decoding)
+        if len(self._decoding) > 1:
+            self.shared_row_steps.update(self._decoding)
         tokens = self._choose(logits)
         logprobs = torch.log_softmax(logits, dim=-1).gather(1, tokens[:, None]).squeeze(1)
         self._next = tokens

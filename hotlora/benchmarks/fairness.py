@@ -53,9 +53,9 @@ DOCS_INTRO = """## `hotlora bench fairness`
 A victim tenant's RL step (concurrent `sample`s, then `forward_backward` and `optim_step`) timed alone,
 under a flooding tenant (hundreds of wide, long samples in flight at once), and among ordinary tenants
 running the same loop, on one default `hotlora engine`. The slowdown is each phase's median over the
-solo median; the flooder's row share is its share of the decode rows while both tenants sample (the
-engine's `hotlora_decode_rows` gauge). Targets on a 2-core CPU: slowdown under the flood <= 2.5x with
-the flooder keeping >= 1/3 of the rows.
+solo median; the flooder's row share is its share of the decode rows in the decode steps both tenants
+ran in, over the victim's steps (the engine's `hotlora_shared_decode_row_steps` counters). Targets on a
+2-core CPU: slowdown under the flood <= 2.5x with the flooder keeping >= 1/3 of the rows.
 """
 
 
@@ -85,18 +85,22 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def scrape_rows(port: int) -> dict[str, float]:
-    """The engine's ``hotlora_decode_rows`` gauge per adapter, from its /metrics page."""
+def scrape(port: int, family_name: str) -> dict[str, float]:
+    """One metric family's value per ``adapter`` label, from the engine's /metrics page."""
     from prometheus_client.parser import text_string_to_metric_families
 
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
         text = response.read().decode()
-    rows: dict[str, float] = {}
+    values: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
-        if family.name == "hotlora_decode_rows":
+        if family.name == family_name:
             for sample in family.samples:
-                rows[sample.labels["adapter"]] = sample.value
-    return rows
+                if sample.name in (family_name, f"{family_name}_total"):
+                    values[sample.labels["adapter"]] = sample.value
+    return values
+
+
+SHARED = "hotlora_shared_decode_row_steps"  # rows each adapter ran in steps shared with another adapter
 
 
 def _summary(latencies: list[float]) -> dict[str, float]:
@@ -197,17 +201,11 @@ async def measure(cfg: FairnessConfig, bootstrap: str | None, model: str, consol
                 else:
                     failed[err.code] = failed.get(err.code, 0) + 1
 
-        shares: list[float] = []
         peak = [rss_before]
         stop = asyncio.Event()
 
         async def watch() -> None:
             while not stop.is_set():
-                with contextlib.suppress(OSError):
-                    rows = await asyncio.to_thread(scrape_rows, port)
-                    flood_rows, victim_rows = rows.get("flooder", 0.0), rows.get("victim", 0.0)
-                    if flood_rows > 0 and victim_rows > 0:
-                        shares.append(flood_rows / (flood_rows + victim_rows))
                 peak[0] = max(peak[0], rss_bytes(engine.pid) / MIB)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), 0.05)
@@ -221,10 +219,12 @@ async def measure(cfg: FairnessConfig, bootstrap: str | None, model: str, consol
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline:
                 with contextlib.suppress(OSError):
-                    if (await asyncio.to_thread(scrape_rows, port)).get("flooder", 0) > 0:
+                    if (await asyncio.to_thread(scrape, port, "hotlora_decode_rows")).get("flooder", 0) > 0:
                         break
                 await asyncio.sleep(0.05)
+            shared_before = await asyncio.to_thread(scrape, port, SHARED)
             flooded = await victim_steps()
+            shared_after = await asyncio.to_thread(scrape, port, SHARED)
             tokens_during_victim = flood_tokens[0]
             victim_window = time.perf_counter() - flood_started
             await asyncio.gather(*flood)
@@ -259,6 +259,8 @@ async def measure(cfg: FairnessConfig, bootstrap: str | None, model: str, consol
             broker.stop()
 
     solo_s, flood_sum, crowd_sum = _summary(solo), _summary(flooded), _summary(crowded)
+    grown = {a: shared_after.get(a, 0.0) - shared_before.get(a, 0.0) for a in ("flooder", "victim")}
+    contended = grown["flooder"] + grown["victim"]
     return {
         "broker": "external" if bootstrap else "embedded Tansu",
         "solo": solo_s,
@@ -276,9 +278,9 @@ async def measure(cfg: FairnessConfig, bootstrap: str | None, model: str, consol
             "tokens_during_victim": tokens_during_victim,
             "tokens_per_s_during_victim": round(tokens_during_victim / victim_window, 1),
             "seconds": round(flood_s, 2),
-            "row_share": round(statistics.mean(shares), 3) if shares else None,
-            "row_share_min": round(min(shares), 3) if shares else None,
-            "row_samples": len(shares),
+            # Its share of the decode rows in the steps both decoded, while the victim ran its steps.
+            "row_share": round(grown["flooder"] / contended, 3) if contended else None,
+            "contended_row_steps": int(contended),
         },
         "ordinary_tenant_steps": other_steps,
         "rss_before_flood_mib": round(rss_before, 1),
@@ -292,7 +294,7 @@ async def measure(cfg: FairnessConfig, bootstrap: str | None, model: str, consol
 
 def markdown_section(result: dict[str, Any]) -> str:
     m, w, f = result["machine"], result["workload"], result["flooder"]
-    share = "-" if f["row_share"] is None else f"{f['row_share']:.2f} (min {f['row_share_min']:.2f})"
+    share = "-" if f["row_share"] is None else f"{f['row_share']:.2f}"
     return (
         f"### fairness: {result['timestamp']}\n\n"
         f"- command: `{result['command']}`\n- commit: `{result['commit']}`\n"
