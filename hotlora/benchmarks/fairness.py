@@ -327,28 +327,23 @@ def append_docs(result: dict[str, Any], path: Path | None = None) -> Path:
     return path
 
 
+_FLAGS = {
+    "steps": "victim RL steps per phase",
+    "victim_samples": "concurrent samples per victim step",
+    "victim_n": "n per victim sample",
+    "victim_tokens": "max_tokens per victim sample",
+    "flood_requests": "flood samples in flight at once (configurable flood size)",
+    "flood_n": "n per flood sample",
+    "flood_tokens": "max_tokens per flood sample",
+    "tenants": "ordinary tenants of the third phase",
+}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = FairnessConfig()
-    parser.add_argument("--steps", type=int, default=d.steps, help=f"victim RL steps per phase (default {d.steps})")
-    parser.add_argument("--victim-samples", type=int, default=d.victim_samples, help="samples per victim step")
-    parser.add_argument(
-        "--victim-n", type=int, default=d.victim_n, help=f"n of each victim sample (default {d.victim_n})"
-    )
-    parser.add_argument("--victim-tokens", type=int, default=d.victim_tokens, help="max_tokens of victim samples")
-    parser.add_argument(
-        "--flood-requests",
-        type=int,
-        default=d.flood_requests,
-        help=f"flood samples (default {d.flood_requests})",
-    )
-    parser.add_argument("--flood-n", type=int, default=d.flood_n, help=f"n of each flood sample (default {d.flood_n})")
-    parser.add_argument(
-        "--flood-tokens",
-        type=int,
-        default=d.flood_tokens,
-        help=f"flood max_tokens (default {d.flood_tokens})",
-    )
-    parser.add_argument("--tenants", type=int, default=d.tenants, help=f"ordinary tenants (default {d.tenants})")
+    for name, text in _FLAGS.items():
+        flag = f"--{name.replace('_', '-')}"
+        parser.add_argument(flag, type=int, default=None, help=f"{text} (default {getattr(d, name)})")
     parser.add_argument("--quick", action="store_true", help="small phases: a smoke test (explicit flags still win)")
     parser.add_argument("--json", action="store_true", help="print the results as one JSON object on stdout")
     parser.add_argument("--bootstrap", default=os.environ.get("HOTLORA_BOOTSTRAP"), help="use this broker")
@@ -356,18 +351,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-docs", action="store_true", help="do not append a section to docs/benchmarks.md")
 
 
-def config_from(args: argparse.Namespace, argv: list[str]) -> FairnessConfig:
-    """Defaults (or ``--quick``'s), overridden by the flags given explicitly."""
+def config_from(args: argparse.Namespace) -> FairnessConfig:
+    """Defaults (or ``--quick``'s), overridden by the flags given."""
     cfg = FairnessConfig.quick() if args.quick else FairnessConfig()
-    for field in dataclasses.fields(FairnessConfig):
-        flag = f"--{field.name.replace('_', '-')}"
-        if hasattr(args, field.name) and any(a == flag or a.startswith(flag + "=") for a in argv):
-            setattr(cfg, field.name, getattr(args, field.name))
-    for name in ("steps", "victim_samples", "victim_n", "victim_tokens", "flood_requests", "flood_n", "flood_tokens"):
-        if getattr(cfg, name) < 1:
-            raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 1")
-    if cfg.tenants < 0:
-        raise SystemExit("error: --tenants must be >= 0")
+    for name in _FLAGS:
+        value = getattr(args, name, None)
+        if value is not None:
+            setattr(cfg, name, value)
+    for name in _FLAGS:
+        if getattr(cfg, name) < (0 if name == "tenants" else 1):
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be >= {0 if name == 'tenants' else 1}")
     return cfg
 
 
@@ -376,7 +369,7 @@ def main(args: argparse.Namespace) -> int:
     from hotlora.models.tiny_model import TinyModelRecipe, ensure_tiny_model
 
     argv = sys.argv[1:]
-    cfg = config_from(args, argv)
+    cfg = config_from(args)
     console = Console(stderr=True)
     model = args.model or str(ensure_tiny_model(TinyModelRecipe()))
     command = shlex.join(["hotlora", *argv]) if "fairness" in argv else "hotlora bench fairness"
