@@ -16,8 +16,9 @@ What is bounded (``QuotaLimits``; 0 switches a bound off):
 - ``forward_backward_tokens``: padded tokens (datums x longest datum) of one ``forward_backward``, so
   one request cannot hold the model for an unbounded training step.
 
-The principal is the request's ``principal`` ("" for anonymous requests, which share one quota). Only
-requests on an adapter are counted (``list_adapters`` is not). Pure bookkeeping: no I/O, no clocks.
+The principal is the request's ``principal`` ("" for anonymous requests, which share one quota).
+Every request but ``list_adapters`` is counted; samples of the plain base model (``adapter_id=""``)
+count against the adapter id "". Pure bookkeeping: no I/O, no clocks.
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ class Quotas:
         ``owned``: when the request would make its principal own one more adapter (a create or load of a
         new id), how many it owns now; None otherwise.
         """
-        if not message.adapter_id or isinstance(message, wire.ListAdapters):
+        if isinstance(message, wire.ListAdapters):
             return
         principal = message.principal
         rows = message.n if isinstance(message, wire.Sample) else 0
