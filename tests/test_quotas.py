@@ -132,9 +132,7 @@ def test_quotas_refuse_over_kafka_and_leave_every_other_state_untouched(
             await ok(wire.CreateAdapter(rank=4, **env("a3", 1, BOB)))  # the id is free for anyone
 
             # Rows, tokens and bytes: each refused request takes its seq; the next seq runs at once.
-            await refused(
-                wire.Sample(prompt_tokens=pack_i32([1, 2, 3]), n=5, max_tokens=4, **env("a1", 2, ALICE))
-            )
+            await refused(wire.Sample(prompt_tokens=pack_i32([1, 2, 3]), n=5, max_tokens=4, **env("a1", 2, ALICE)))
             await refused(wire.ForwardBackward(datums=[_datum(40), _datum(40)], **env("a1", 3, ALICE)))
             await refused(
                 wire.Sample(prompt_tokens=pack_i32(list(range(3, 1203))), max_tokens=4, **env("a1", 4, ALICE))
@@ -164,7 +162,8 @@ def test_quotas_refuse_over_kafka_and_leave_every_other_state_untouched(
             for quota in ("sample_rows_per_principal", "forward_backward_tokens", "queued_bytes_per_principal"):
                 assert value("hotlora_quota_refusals_total", {"principal": "alice", "quota": quota}) == 1
             assert value("hotlora_quota_refusals_total", {"principal": "alice", "quota": "queued_per_adapter"}) == 1
-            assert value("hotlora_quota_refusals_total", {"principal": "bob", "quota": "adapters_per_principal"}) is None
+            bob = {"principal": "bob", "quota": "adapters_per_principal"}
+            assert value("hotlora_quota_refusals_total", bob) is None
             load = service.metrics.adapter_load(service.engine.scheduler if service.engine else None, ["a1"])
             assert load["a1"].quota_refusals == 3
             assert service.quotas.usage("alice") == {"queued": 0, "bytes": 0, "rows": 0}  # all answered, all freed
