@@ -72,6 +72,9 @@ def test_each_quota_refuses_and_counts_nothing() -> None:
     quotas.admit(_sample("a", 5, "s4", **ALICE), 10)  # room again
     assert quotas.refusals["alice", "queued_per_adapter"] == 1 and sum(quotas.refusals.values()) == 6
     assert ERROR_CODES["quota_exceeded"] is QuotaExceeded
+    wide = Quotas(QuotaLimits(sample_rows_per_principal=4), max_request_rows=8)
+    wide.admit(_sample("a", 9, "too-wide"), 10)  # wider than the decode batch: the engine's invalid_request
+    assert wide.usage("") == {"queued": 1, "bytes": 10, "rows": 0}
     off = Quotas(QuotaLimits(0, 0, 0, 0, 0, 0))  # 0 switches every quota off
     for k in range(50):
         off.admit(_sample("a", 64, f"r{k}"), 1 << 30, owned=10_000)

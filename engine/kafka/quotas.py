@@ -66,8 +66,11 @@ def padded_tokens(message: wire.ForwardBackward) -> int:
 class Quotas:
     """Counts held per principal and adapter; ``admit`` refuses (changing nothing) or counts a request."""
 
-    def __init__(self, limits: QuotaLimits | None = None) -> None:
+    def __init__(self, limits: QuotaLimits | None = None, max_request_rows: int | None = None) -> None:
         self.limits = limits or QuotaLimits()
+        # A sample wider than this (the decode batch) is the engine's ``invalid_request``, refused before it
+        # queues: it is not held against the rows quota, so the more precise refusal is the one it gets.
+        self.max_request_rows = max_request_rows
         self._held: dict[str, _Held] = {}  # request_id -> what it holds
         self._queued: Counter[str] = Counter()  # principal -> requests
         self._queued_adapter: Counter[str] = Counter()  # adapter id -> requests
@@ -85,6 +88,8 @@ class Quotas:
             return
         principal = message.principal
         rows = message.n if isinstance(message, wire.Sample) else 0
+        if self.max_request_rows is not None and rows > self.max_request_rows:
+            rows = 0
         limits = self.limits
         checks: list[tuple[str, int, int, str]] = [
             ("queued_per_adapter", self._queued_adapter[message.adapter_id] + 1, limits.queued_per_adapter, "requests"),

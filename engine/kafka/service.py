@@ -138,7 +138,7 @@ class EngineService:
         # Durability (engine.kafka.durability): a request's offset commits once a current snapshot covers it.
         self.durability = Durability(DurableStore(self.checkpoint_dir / ".durable")) if config.durable else None
         # Per-principal quotas (engine.kafka.quotas), checked in seq order right before the engine.
-        self.quotas = Quotas(quota_limits(config))
+        self.quotas = Quotas(quota_limits(config), max_request_rows=config.max_decode_rows)
         self._sizes: dict[str, int] = {}  # request_id -> its record's bytes, until it is executed
         self.state = "starting"
         # Prometheus metrics (engine.observability): an injected engine's own, else one when --metrics-port is set.
