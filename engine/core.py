@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -143,6 +144,9 @@ class Engine(Verbs):
         self._closing = False
         self._rollouts: set[asyncio.Task[None]] = set()
         self.steps_run = 0  # steps executed so far (heartbeats and tests read it)
+        # Set by ``submit``: a decode slice in progress ends after its current step, so new work (a
+        # newcomer's sample, a forward_backward or barrier waiting behind the slice) is scheduled at once.
+        self._preempt = threading.Event()
         # (decoding, paused) rows per scheduler adapter id after the last decode slice: written by the
         # worker (one dict assignment), read by metrics and status on the event loop.
         self.tenant_rows: dict[str, tuple[int, int]] = {}
@@ -215,6 +219,7 @@ class Engine(Verbs):
             self.scheduler.set_weight(request.adapter_id, request.weight)
         self._requests[request.request_id] = request
         self._futures[request.request_id] = future
+        self._preempt.set()
         self._wake.set()
         return await future
 
@@ -260,6 +265,7 @@ class Engine(Verbs):
                     self._start_rollout(item.request_id)
                 continue
             self.steps_run += 1
+            self._preempt.clear()  # what is submitted from now on may cut this step's decode slice short
             started = time.perf_counter()
             done = await self._run_in_worker(self._execute, step)
             if metrics is not None:
@@ -423,7 +429,11 @@ class Engine(Verbs):
         done.extend(zip([item.request_id for item in step.items], outputs, strict=True))
 
     def _run_decode(self, step: DecodeSlice, done: Done) -> None:
-        """Admit, then decode; ``done`` fills as requests finish, so a later failure loses none of them."""
+        """Admit, then decode; ``done`` fills as requests finish, so a later failure loses none of them.
+
+        The slice ends early, after any step, once a request is submitted: a newcomer then waits for one
+        decode step, not for ``decode_steps_per_slice`` of them, before the scheduler sees it.
+        """
         assert self.sampler is not None
         for item in step.admit:
             request = self._requests[item.request_id]
@@ -437,8 +447,8 @@ class Engine(Verbs):
                 version = sequences[0].adapter_version if sequences else 0
                 done.append((request_id, SampleOutput(sequences, version)))
             done.extend(self.sampler.pop_failures().items())
-            if not self.sampler.has_unfinished():
-                break
+            if not self.sampler.has_unfinished() or self._preempt.is_set():
+                break  # done, or new work arrived: the scheduler decides again (at least one step ran)
         rows = self.sampler.tenant_rows()
         self.tenant_rows = {(adapter or BASE_ADAPTER): held for adapter, held in rows.items()}
         self.row_steps = {
