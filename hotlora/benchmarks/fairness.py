@@ -71,7 +71,7 @@ class FairnessConfig:
     tenants: int = 7
     prompt_tokens: int = 8
     rank: int = 8
-    request_timeout: float = 600.0
+    request_timeout: float = 1800.0  # the flood's last requests wait behind its first ones
     seed: int = 0
 
     @classmethod
