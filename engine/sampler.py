@@ -552,9 +552,10 @@ class NativeSampler:
     def _share(self, requests: list[_Request]) -> set[int]:
         """Ids of the requests that decode: weighted max-min fairness over whole requests, oldest first.
 
-        Repeatedly, the tenant with the fewest rows per unit of weight takes its oldest request if it fits
-        the rows left; a tenant whose oldest does not fit takes no more. Rows that whole requests leave
-        idle then go to the oldest remaining requests that fit, whoever's they are (work-conserving).
+        Repeatedly, the tenant with the fewest rows per unit of weight takes its oldest request if its
+        unfinished sequences fit the rows left; a tenant whose oldest does not fit takes no more. Rows that
+        whole requests leave idle then go to the oldest remaining requests that fit, whoever's they are
+        (work-conserving).
         """
         queues: dict[str | None, deque[_Request]] = {}
         for state in sorted(requests, key=lambda s: s.order):
@@ -568,19 +569,19 @@ class NativeSampler:
             _, _, tenant = heapq.heappop(heap)
             queue = queues[tenant]
             state = queue.popleft()
-            if state.request.n > left:
+            if state.remaining > left:
                 continue  # rows of one request stay together; this tenant's later ones wait behind it
             active.add(id(state))
-            left -= state.request.n
-            held[tenant] += state.request.n
+            left -= state.remaining
+            held[tenant] += state.remaining
             if queue:
                 heapq.heappush(heap, (held[tenant] / weights[tenant], queue[0].order, tenant))
         for state in sorted(requests, key=lambda s: s.order):  # rows whole requests left idle: oldest that fit
             if left <= 0:
                 break
-            if id(state) not in active and state.request.n <= left:
+            if id(state) not in active and state.remaining <= left:
                 active.add(id(state))
-                left -= state.request.n
+                left -= state.remaining
         return active
 
     def _layout(self) -> None:
