@@ -100,6 +100,7 @@ def scrape(port: int, family_name: str) -> dict[str, float]:
     return values
 
 
+WARMUP_STEPS = 3
 SHARED = "hotlora_shared_decode_row_steps"  # rows each adapter ran in steps shared with another adapter
 
 
@@ -180,7 +181,8 @@ async def measure(cfg: FairnessConfig, bootstrap: str | None, model: str, consol
             return [await rl_step(victim, "victim", cfg, rng, vocab) for _ in range(cfg.steps)]
 
         with console.status("warm-up and solo"):
-            await rl_step(victim, "victim", cfg, rng, vocab)  # warm-up, not counted
+            for _ in range(WARMUP_STEPS):  # not counted: first steps pay one-time costs (allocations, snapshots)
+                await rl_step(victim, "victim", cfg, rng, vocab)
             solo = await victim_steps()
         rss_before = rss_bytes(engine.pid) / MIB
 
