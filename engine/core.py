@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -76,7 +77,11 @@ BASE_ADAPTER = "__base__"  # the scheduler's name for samples of the plain base 
 class EngineConfig:
     """Knobs of the engine loop; the runner and scheduler keep their own."""
 
-    max_decode_rows: int = 256
+    max_decode_rows: int = 256  # rows one decode step runs
+    # Native sampler: rows admitted at once, running or paused (each holds its KV); None: 2 x max_decode_rows.
+    max_resident_rows: int | None = None
+    # Rows one adapter's admitted samples may hold; None: max_decode_rows (so a hog leaves resident rows free).
+    max_adapter_rows: int | None = None
     # The native sampler's KV-cache bound in bytes; None: half the device memory free at start (CUDA), none on CPU.
     max_kv_bytes: int | None = None
     sampler: str = "native"  # "native" | "vllm" | "auto" (vLLM when it imports)
@@ -115,10 +120,20 @@ class Engine(Verbs):
                 self.config.vllm,
             )
         else:
-            self.sampler = NativeSampler(runner, self.config.max_decode_rows, self.config.max_kv_bytes)
+            self.sampler = NativeSampler(
+                runner,
+                self.config.max_resident_rows or 2 * self.config.max_decode_rows,
+                self.config.max_kv_bytes,
+                decode_rows=self.config.max_decode_rows,
+                weight=lambda adapter_id: self.scheduler.weight(adapter_id or BASE_ADAPTER),
+            )
+        # Rows the scheduler may admit: the sampler's resident rows (it pauses what exceeds its decode rows).
+        self.admission_rows = self.config.max_decode_rows if self.sampler is None else self.sampler.max_rows
         policy = self.config.scheduler
         if policy.max_decode_rows is None:
             policy.max_decode_rows = self.config.max_decode_rows
+        if policy.max_adapter_rows is None and self.sampler is not None:
+            policy.max_adapter_rows = self.config.max_adapter_rows or self.config.max_decode_rows
         policy.decode_in_background = self.rollout is not None
         self.scheduler = Scheduler(policy)
         self._requests: dict[str, Request] = {}
@@ -129,6 +144,14 @@ class Engine(Verbs):
         self._closing = False
         self._rollouts: set[asyncio.Task[None]] = set()
         self.steps_run = 0  # steps executed so far (heartbeats and tests read it)
+        # Set by ``submit``: a decode slice in progress ends after its current step, so new work (a
+        # newcomer's sample, a forward_backward or barrier waiting behind the slice) is scheduled at once.
+        self._preempt = threading.Event()
+        # (decoding, paused) rows per scheduler adapter id after the last decode slice: written by the
+        # worker (one dict assignment), read by metrics and status on the event loop.
+        self.tenant_rows: dict[str, tuple[int, int]] = {}
+        # (row-steps, row-steps shared with another tenant) per adapter since start, same threading.
+        self.row_steps: dict[str, tuple[int, int]] = {}
 
     @classmethod
     def from_pretrained(
@@ -196,6 +219,7 @@ class Engine(Verbs):
             self.scheduler.set_weight(request.adapter_id, request.weight)
         self._requests[request.request_id] = request
         self._futures[request.request_id] = future
+        self._preempt.set()
         self._wake.set()
         return await future
 
@@ -227,7 +251,7 @@ class Engine(Verbs):
 
     async def _busy_loop(self) -> None:
         while not self._closing:
-            free_rows = self.config.max_decode_rows - self.scheduler.running_rows
+            free_rows = max(0, self.admission_rows - self.scheduler.running_rows)
             step = self.scheduler.next_step(free_rows)
             if isinstance(step, Idle):
                 self._wake.clear()
@@ -241,10 +265,12 @@ class Engine(Verbs):
                     self._start_rollout(item.request_id)
                 continue
             self.steps_run += 1
+            self._preempt.clear()  # what is submitted from now on may cut this step's decode slice short
             started = time.perf_counter()
             done = await self._run_in_worker(self._execute, step)
             if metrics is not None:
                 metrics.step_finished(step, time.perf_counter() - started, self.runner.adapters)
+                metrics.observe_tenants(self.scheduler, self.tenant_rows, self.row_steps)
             if isinstance(step, RunBarrier) and self.rollout is not None:
                 await self._sync_rollout(self._requests.get(step.item.request_id), done)
             self._finish(done)
@@ -403,7 +429,11 @@ class Engine(Verbs):
         done.extend(zip([item.request_id for item in step.items], outputs, strict=True))
 
     def _run_decode(self, step: DecodeSlice, done: Done) -> None:
-        """Admit, then decode; ``done`` fills as requests finish, so a later failure loses none of them."""
+        """Admit, then decode; ``done`` fills as requests finish, so a later failure loses none of them.
+
+        The slice ends early, after any step, once a request is submitted: a newcomer then waits for one
+        decode step, not for ``decode_steps_per_slice`` of them, before the scheduler sees it.
+        """
         assert self.sampler is not None
         for item in step.admit:
             request = self._requests[item.request_id]
@@ -417,5 +447,11 @@ class Engine(Verbs):
                 version = sequences[0].adapter_version if sequences else 0
                 done.append((request_id, SampleOutput(sequences, version)))
             done.extend(self.sampler.pop_failures().items())
-            if not self.sampler.has_unfinished():
-                break
+            if not self.sampler.has_unfinished() or self._preempt.is_set():
+                break  # done, or new work arrived: the scheduler decides again (at least one step ran)
+        rows = self.sampler.tenant_rows()
+        self.tenant_rows = {(adapter or BASE_ADAPTER): held for adapter, held in rows.items()}
+        self.row_steps = {
+            (adapter or BASE_ADAPTER): (steps, self.sampler.shared_row_steps[adapter])
+            for adapter, steps in self.sampler.row_steps.items()
+        }

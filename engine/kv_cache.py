@@ -72,6 +72,7 @@ class KVStore:
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         self.rows = 0  # live rows, dense from row 0; the owner sets it as rows join and leave
+        self.active = 0  # rows [0, active) decode; the rest of the live rows are paused (kept, not read)
         self.row_capacity = 0
         self.col_capacity = 0
 
@@ -121,14 +122,17 @@ class KVStore:
     def release(self) -> None:
         """Drop every row and the memory (it goes back to the allocator, for training to reuse)."""
         self.keys, self.values = [], []
-        self.rows = self.row_capacity = self.col_capacity = 0
+        self.rows = self.active = self.row_capacity = self.col_capacity = 0
 
 
 class StoreCache(Cache):
     """One forward's window on a ``KVStore``; build it with ``prefill`` or ``decode``."""
 
-    def __init__(self, store: KVStore, rows: torch.Tensor | int, positions: torch.Tensor | None, seen: int) -> None:
+    def __init__(
+        self, store: KVStore, rows: torch.Tensor | int, positions: torch.Tensor | None, seen: int, live: int = 0
+    ) -> None:
         super().__init__(layers=[])
+        self.live = live
         self.store = store
         self.rows = rows
         self.positions = positions
@@ -140,12 +144,15 @@ class StoreCache(Cache):
         return cls(store, first_row, None, 0)
 
     @classmethod
-    def decode(cls, store: KVStore, rows: torch.Tensor, positions: torch.Tensor, span: int) -> StoreCache:
+    def decode(
+        cls, store: KVStore, rows: torch.Tensor, positions: torch.Tensor, span: int, live: int | None = None
+    ) -> StoreCache:
         """Batch row ``i`` writes its one new token at store row ``rows[i]``, column ``positions[i]``.
 
-        Attention then reads the store's first ``span`` columns of its live rows, in the store's row order.
+        Attention then reads the store's first ``span`` columns of its first ``live`` rows (default: all
+        live rows), in the store's row order; rows after them (paused ones) are neither read nor written.
         """
-        return cls(store, rows, positions, span - 1)
+        return cls(store, rows, positions, span - 1, store.rows if live is None else live)
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: object, **kwargs: object
@@ -160,7 +167,7 @@ class StoreCache(Cache):
         assert isinstance(self.rows, torch.Tensor)
         keys[self.rows, :, self.positions] = key_states[:, :, 0]
         values[self.rows, :, self.positions] = value_states[:, :, 0]
-        live = self.store.rows
+        live = self.live
         return keys[:live, :, : self.seen + 1], values[:live, :, : self.seen + 1]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:

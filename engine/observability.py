@@ -24,6 +24,7 @@ only from the event loop (``observe_request``, ``step_started``, ``step_finished
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -57,6 +58,7 @@ class _AdapterStats:
     trained_tokens: int = 0
     optim_steps: int = 0
     errors: int = 0
+    quota_refusals: int = 0
     version: int = 0
     last_sample_version: int | None = None
     version_lag: int = 0
@@ -118,6 +120,33 @@ class EngineMetrics:
             "hotlora_consumer_lag_records", "Records not yet consumed, per request topic (set by the edge)",
             ["topic"], registry=r,
         )  # fmt: skip
+        # ----- fairness and quotas (issue 18) -----
+        self.queue_depth = Gauge(
+            "hotlora_queue_depth", "Requests of the adapter waiting in the engine's scheduler", ["adapter"], registry=r
+        )
+        self.decode_rows = Gauge(
+            "hotlora_decode_rows", "Decode rows the adapter's samples run (its share of the batch)", ["adapter"],
+            registry=r,
+        )  # fmt: skip
+        self.paused_rows = Gauge(
+            "hotlora_paused_rows", "Rows of the adapter's admitted samples paused to give other tenants their share",
+            ["adapter"], registry=r,
+        )  # fmt: skip
+        self.quota_refusals = Counter(
+            "hotlora_quota_refusals", "Requests refused with quota_exceeded, by principal and quota",
+            ["principal", "quota"], registry=r,
+        )  # fmt: skip
+        self.row_steps = Counter(
+            "hotlora_decode_row_steps", "Decode rows the adapter ran, summed over decode steps", ["adapter"], registry=r
+        )
+        self.shared_row_steps = Counter(
+            "hotlora_shared_decode_row_steps",
+            "Decode rows the adapter ran in steps another adapter also decoded in (its share of a contended batch)",
+            ["adapter"], registry=r,
+        )  # fmt: skip
+        self._row_steps_seen: dict[str, tuple[int, int]] = {}
+        self._tenant_labels: set[str] = set()
+        self._tenant_rows: dict[str, tuple[int, int]] = {}
         self._adapters: dict[str, _AdapterStats] = {}
         self._started: OrderedDict[str, float] = OrderedDict()  # request_id -> epoch seconds its step started
         self._server: WSGIServer | None = None
@@ -172,6 +201,40 @@ class EngineMetrics:
             self.resident_adapters.set(resident)
             self.offloaded_adapters.set(len(registry) - resident)
 
+    def observe_tenants(
+        self,
+        scheduler: Scheduler,
+        tenant_rows: dict[str, tuple[int, int]],
+        row_steps: dict[str, tuple[int, int]] | None = None,
+    ) -> None:
+        """Per-adapter queue depth and (decoding, paused) rows after a step; adapters gone drop to nothing.
+
+        ``row_steps``: the engine's running (row-steps, shared row-steps) per adapter; the counters take
+        what grew since the last call.
+        """
+        self._tenant_rows = dict(tenant_rows)
+        for adapter, (total, shared) in (row_steps or {}).items():
+            seen_total, seen_shared = self._row_steps_seen.get(adapter, (0, 0))
+            if total > seen_total:
+                self.row_steps.labels(adapter).inc(total - seen_total)
+            if shared > seen_shared:
+                self.shared_row_steps.labels(adapter).inc(shared - seen_shared)
+            self._row_steps_seen[adapter] = (total, shared)
+        names = set(tenant_rows) | {a for a in scheduler.adapter_ids() if scheduler.pending(a)}
+        for adapter in self._tenant_labels - names:
+            for metric in (self.queue_depth, self.decode_rows, self.paused_rows):
+                metric.remove(adapter)
+        for adapter in names:
+            decoding, paused = tenant_rows.get(adapter, (0, 0))
+            self.queue_depth.labels(adapter).set(scheduler.pending(adapter))
+            self.decode_rows.labels(adapter).set(decoding)
+            self.paused_rows.labels(adapter).set(paused)
+        self._tenant_labels = names
+
+    def observe_quota_refusal(self, principal: str, quota: str) -> None:
+        """A request refused at the edge for ``quota`` (engine.kafka.quotas); counted per principal."""
+        self.quota_refusals.labels(principal, quota).inc()
+
     def observe_micro_batch(self, batch: MicroBatch) -> None:
         """A training micro-batch about to run (model thread): its rows and distinct adapters (slots)."""
         self.micro_batch_rows.labels("train").observe(len(batch.rows))
@@ -205,6 +268,7 @@ class EngineMetrics:
             self.errors.labels(adapter, code).inc()
             stats.error_codes.add(code)
             stats.errors += 1
+            stats.quota_refusals += code == "quota_exceeded"
         received = received_at_ms if received_at_ms is not None else reply.received_at_ms
         finished = finished_at_ms if finished_at_ms is not None else reply.finished_at_ms or wire.now_ms()
         started = self._started.pop(message.request_id, None)
@@ -270,6 +334,13 @@ class EngineMetrics:
             self.latency.remove(adapter, kind)
         for metric in (self.sampled_tokens, self.trained_tokens, self.optim_steps, self.version, self.version_lag):
             metric.remove(adapter)
+        for metric in (self.row_steps, self.shared_row_steps):
+            with contextlib.suppress(KeyError):
+                metric.remove(adapter)
+        if adapter in self._tenant_labels:
+            self._tenant_labels.discard(adapter)
+            for metric in (self.queue_depth, self.decode_rows, self.paused_rows):
+                metric.remove(adapter)
 
     # ----- heartbeats -----
 
@@ -293,7 +364,11 @@ class EngineMetrics:
             if stats.rate_mark is not None and now > stats.rate_mark[0]:
                 rate = (tokens - stats.rate_mark[1]) / (now - stats.rate_mark[0])
             stats.rate_mark = (now, tokens)
+            decoding, paused = self._tenant_rows.get(adapter, (0, 0))
             load[adapter] = wire.AdapterLoad(
+                rows=decoding,
+                paused_rows=paused,
+                quota_refusals=stats.quota_refusals,
                 queued=scheduler.pending(adapter) if scheduler is not None else 0,
                 running=scheduler.in_flight(adapter) if scheduler is not None else 0,
                 sampled_tokens=stats.sampled_tokens,

@@ -18,6 +18,19 @@ each row its own positions, so what a row attends to never depends on what else 
 counts KV memory as well as rows: a request waits until ``rows x longest possible row`` fits
 ``max_kv_bytes``, so decoding can never run out of KV memory midway.
 
+**Fair decode rows (pausing).** The store may hold more rows (``max_rows``, *resident*) than one decode
+step runs (``decode_rows``). Each time rows join or leave, ``_rebalance`` shares the decode rows among
+tenants (adapters; the base model is one more) by weighted max-min fairness over whole requests: the
+tenant with the fewest rows per unit of weight takes its oldest resident request next, while it fits.
+Rows that get no share are *paused*: their KV stays where it is (the store keeps active rows in
+``[0, active)`` and paused ones after them, so a pause or resume moves a row's columns once, like a
+retirement), and they simply skip decode steps. All rows of one request are active or paused together.
+A paused row draws nothing: greedy rows draw no randomness and a seeded row owns its generator, which
+advances only when the row decodes, so a paused-then-resumed row gets the tokens it gets unpaused (its
+logprobs equal up to float rounding, as in any other batch). Unseeded rows share their adapter's
+generator and are not reproducible anyway. So a tenant that arrives while another holds every decode
+row runs at its next step: the hog's newest requests pause, and resume (oldest first) as rows free.
+
 **Attention.** Decode forwards switch the model to ``engine.decode_attention``, which computes grouped-
 query attention for one-token queries without ``repeat_kv``; prefills and training keep transformers'
 stock SDPA. A prefill is right-padded (prompts start at column 0), so its causal attention needs no
@@ -41,11 +54,12 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import heapq
 import itertools
 import math
 import operator
-from collections import deque
-from collections.abc import Sequence
+from collections import Counter, deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -112,6 +126,12 @@ class _Request:
     results: list[SampledSequence | None] = field(default_factory=list)
     remaining: int = 0
     pinned: bool = False  # holds one pin on its adapter (resident, fixed slot) from admission to release
+    paused: bool = False  # resident (KV kept) but skipping decode steps: no share of the decode rows now
+
+    @property
+    def tenant(self) -> str | None:
+        """Who the decode rows are shared among: the adapter (None: the base model)."""
+        return self.request.adapter_id
 
     @property
     def columns(self) -> int:
@@ -180,12 +200,24 @@ def default_kv_bytes(device: torch.device) -> int | None:
 class NativeSampler:
     """Continuous-batching sampler over the runner's model; see the module docstring.
 
+    ``max_rows`` bounds the resident rows (running or paused, each holding its KV); ``decode_rows`` (default
+    ``max_rows``: never pause) the rows one decode step runs, shared fairly by ``weight(adapter_id)``.
     ``max_kv_bytes`` bounds the KV store (None: ``default_kv_bytes``); a request waits until its rows fit.
     """
 
-    def __init__(self, runner: ModelRunner, max_rows: int = 64, max_kv_bytes: int | None = None) -> None:
+    def __init__(
+        self,
+        runner: ModelRunner,
+        max_rows: int = 64,
+        max_kv_bytes: int | None = None,
+        decode_rows: int | None = None,
+        weight: Callable[[str | None], float] | None = None,
+    ) -> None:
         if not is_int(max_rows) or max_rows < 1:
             raise InvalidRequest(f"max_rows must be a positive integer, got {max_rows!r}")
+        decode_rows = max_rows if decode_rows is None else decode_rows
+        if not is_int(decode_rows) or not 1 <= decode_rows <= max_rows:
+            raise InvalidRequest(f"decode_rows must be an integer in [1, max_rows={max_rows}], got {decode_rows!r}")
         if max_kv_bytes is not None and (not is_int(max_kv_bytes) or max_kv_bytes < 1):
             raise InvalidRequest(f"max_kv_bytes must be a positive integer or None, got {max_kv_bytes!r}")
         config = runner.model.config.get_text_config(decoder=True)
@@ -200,6 +232,8 @@ class NativeSampler:
         self.model = runner.model
         self.device = runner.device
         self.max_rows = max_rows
+        self.decode_rows = decode_rows
+        self.weight: Callable[[str | None], float] = weight or (lambda _adapter_id: 1.0)
         self.tokenizer = runner.base.tokenizer
         self.vocab_size = runner.base.vocab_size
         self.eos_ids = runner.base.eos_token_ids
@@ -208,11 +242,16 @@ class NativeSampler:
         self._store = self._new_store(config, self.max_kv_bytes)
         self._waiting: deque[_Request] = deque()
         self._requests: dict[str, _Request] = {}  # unfinished: waiting or running
-        self._rows: list[_Row] = []  # batch order: grouped by adapter slot
+        self._rows: list[_Row] = []  # the decoding rows, in batch order: grouped by adapter slot
+        self._paused: list[_Row] = []  # resident rows skipping decode steps (store rows after the active ones)
         self._ready: list[tuple[str, list[SampledSequence]]] = []  # finished under sample(), owed to step()
         self._failures: dict[str, HotLoraError] = {}
         self._order = itertools.count()
         self._sample_ids = itertools.count()
+        # Decode rows run per tenant, summed over steps; ``shared_row_steps`` only over steps in which at
+        # least two tenants decoded (each tenant's share of a contended batch, for metrics and benchmarks).
+        self.row_steps: Counter[str | None] = Counter()
+        self.shared_row_steps: Counter[str | None] = Counter()
         self._rebuild()
 
     def _new_store(self, config: PretrainedConfig, max_kv_bytes: int | None) -> KVStore:
@@ -235,7 +274,7 @@ class NativeSampler:
 
     def add(self, request: Sample) -> None:
         """Validate and queue; a bad request raises here and never reaches the batch."""
-        prompt = validate_sample(request, self.vocab_size, self.runner.base.max_positions, self.max_rows)
+        prompt = validate_sample(request, self.vocab_size, self.runner.base.max_positions, self.decode_rows)
         rid, params = request.request_id, request.params
         if rid in self._requests:
             raise InvalidRequest(f"request {rid!r} is already queued or running")
@@ -269,7 +308,19 @@ class NativeSampler:
         return {r.request.adapter_id for r in self._requests.values() if r.request.adapter_id is not None}
 
     def num_running_rows(self) -> int:
+        """Rows that decode at the next step (paused rows not counted)."""
         return len(self._rows)
+
+    def num_paused_rows(self) -> int:
+        return len(self._paused)
+
+    def tenant_rows(self) -> dict[str | None, tuple[int, int]]:
+        """(decoding, paused) rows per tenant (adapter id; None: the base model), for metrics."""
+        counts: dict[str | None, list[int]] = {}
+        for rows, column in ((self._rows, 0), (self._paused, 1)):
+            for row in rows:
+                counts.setdefault(row.req.tenant, [0, 0])[column] += 1
+        return {tenant: (c[0], c[1]) for tenant, c in counts.items()}
 
     def abort(self, request_id: str) -> bool:
         """Drop a waiting or running request; its rows leave the batch now. False if unknown or finished."""
@@ -281,7 +332,9 @@ class NativeSampler:
             self._waiting.remove(state)
         else:
             with torch.no_grad():
-                self._retire([i for i, row in enumerate(self._rows) if row.req is state])
+                self._paused = [row for row in self._paused if row.req is not state]
+                self._rows = [row for row in self._rows if row.req is not state]
+                self._rebalance()
         return True
 
     def abort_all(self) -> list[str]:
@@ -292,6 +345,7 @@ class NativeSampler:
         self._requests.clear()
         self._waiting.clear()
         self._rows = []
+        self._paused = []
         self._store.release()
         self._rebuild()
         return request_ids
@@ -358,8 +412,11 @@ class NativeSampler:
             self._failures[rid] = UnknownAdapter(f"adapter {adapter_id!r} was deleted while request {rid!r} ran")
 
     def _admit(self) -> None:
-        """First come, first served: a request that does not fit (rows or KV memory) waits, as do those behind it."""
-        rows, widest = len(self._rows), self._widest
+        """First come, first served: a request that does not fit (rows or KV memory) waits, as do those behind it.
+
+        Rows count resident rows, paused ones included: they keep their KV.
+        """
+        rows, widest = len(self._rows) + len(self._paused), self._widest
         admitted: list[_Request] = []
         while self._waiting and self._fits(self._waiting[0], rows, widest):
             state = self._waiting[0]
@@ -393,14 +450,16 @@ class NativeSampler:
         width = max((len(s.request.prompt_tokens) - 1 for s in prefilled), default=0)
         widest = max([self._widest] + [s.columns for s in admitted])
         total = sum(s.request.n for s in admitted)
-        self._store.reserve(first + total, width, used_cols=self._longest, max_cols=widest)
+        self._store.reserve(first + total, width, used_cols=self._kept, max_cols=widest)
         if prefilled:
             self._prefill(prefilled, first, width)
         new_rows, sources, copies = self._place(admitted, prefilled, first)
         self._store.rows = first + total
         self._store.copy_rows(sources, copies, width)
-        self._rows = sorted(self._rows + new_rows, key=lambda row: row.sort_key)
-        self._rebuild()
+        for state in admitted:
+            state.paused = True  # until ``_rebalance`` gives it a share
+        self._paused.extend(new_rows)
+        self._rebalance()
 
     def _place(
         self, admitted: list[_Request], prefilled: list[_Request], first: int
@@ -457,31 +516,96 @@ class NativeSampler:
         return self.generator if state.adapter is None else state.adapter.generator
 
     def _retire(self, indices: list[int]) -> None:
-        """Drop rows from the batch; live rows past the new end of the store move into the holes they leave."""
+        """Drop rows from the batch; the freed decode rows may resume paused ones (``_rebalance``)."""
         if not indices:
             return
         gone = set(indices)
-        leaving = [self._rows[i] for i in indices]
         self._rows = [row for i, row in enumerate(self._rows) if i not in gone]
-        if not self._rows:
+        self._rebalance()
+
+    def _rebalance(self) -> None:
+        """Share the decode rows among tenants (``_share``), then lay the store out: active rows first."""
+        rows = self._rows + self._paused
+        if not rows:
+            self._rows = []
             self._store.release()  # an idle sampler holds no KV memory
-        else:
-            end = len(self._rows)
-            holes = sorted(row.kv_row for row in leaving if row.kv_row < end)
-            movers = sorted((row for row in self._rows if row.kv_row >= end), key=lambda row: row.kv_row)
-            cols = max((row.cached for row in movers), default=0)
-            self._store.copy_rows([row.kv_row for row in movers], holes, cols)
-            for row, hole in zip(movers, holes, strict=True):
-                row.kv_row = hole
-            self._store.rows = end
+            self._rebuild()
+            return
+        active = self._share(list({id(row.req): row.req for row in rows}.values()))
+        for row in rows:
+            row.req.paused = id(row.req) not in active
+        self._rows = sorted((row for row in rows if not row.req.paused), key=lambda row: row.sort_key)
+        self._paused = sorted((row for row in rows if row.req.paused), key=lambda row: row.sort_key)
+        self._layout()
         self._rebuild()
+
+    def _share(self, requests: list[_Request]) -> set[int]:
+        """Ids of the requests that decode: weighted max-min fairness over whole requests, oldest first.
+
+        Repeatedly, the tenant with the fewest rows per unit of weight takes its oldest request if its
+        unfinished sequences fit the rows left; a tenant whose oldest does not fit takes no more. Rows that
+        whole requests leave idle then go to the oldest remaining requests that fit, whoever's they are
+        (work-conserving).
+        """
+        queues: dict[str | None, deque[_Request]] = {}
+        for state in sorted(requests, key=lambda s: s.order):
+            queues.setdefault(state.tenant, deque()).append(state)
+        weights = {tenant: self.weight(tenant) for tenant in queues}
+        heap = [(0.0, queue[0].order, tenant) for tenant, queue in queues.items()]
+        heapq.heapify(heap)
+        held = dict.fromkeys(queues, 0)
+        left, active = self.decode_rows, set()
+        while heap and left > 0:
+            _, _, tenant = heapq.heappop(heap)
+            queue = queues[tenant]
+            state = queue.popleft()
+            if state.remaining > left:
+                continue  # rows of one request stay together; this tenant's later ones wait behind it
+            active.add(id(state))
+            left -= state.remaining
+            held[tenant] += state.remaining
+            if queue:
+                heapq.heappush(heap, (held[tenant] / weights[tenant], queue[0].order, tenant))
+        for state in sorted(requests, key=lambda s: s.order):  # rows whole requests left idle: oldest that fit
+            if left <= 0:
+                break
+            if id(state) not in active and state.remaining <= left:
+                active.add(id(state))
+                left -= state.remaining
+        return active
+
+    def _layout(self) -> None:
+        """Store rows ``[0, active)`` hold the active rows, then the paused ones: rows out of place move once.
+
+        One gather-then-scatter moves them all, so a row may take a slot another mover leaves.
+        """
+        active, total = len(self._rows), len(self._rows) + len(self._paused)
+        free_active = iter(sorted(set(range(active)) - {r.kv_row for r in self._rows if r.kv_row < active}))
+        taken = {r.kv_row for r in self._paused if active <= r.kv_row < total}
+        free_paused = iter(sorted(set(range(active, total)) - taken))
+        movers: list[tuple[_Row, int]] = []
+        for row in self._rows:
+            if row.kv_row >= active:
+                movers.append((row, next(free_active)))
+        for row in self._paused:
+            if not active <= row.kv_row < total:
+                movers.append((row, next(free_paused)))
+        cols = max((row.cached for row, _ in movers), default=0)
+        self._store.copy_rows([row.kv_row for row, _ in movers], [slot for _, slot in movers], cols)
+        for row, slot in movers:
+            row.kv_row = slot
+        self._store.rows = total
+        self._store.active = active
 
     def _rebuild(self) -> None:
         """Per-row tensors of the current batch; they change only when rows join or leave (never per step)."""
         rows = self._rows
+        resident = rows + self._paused
         self._slots = [row.req.slot for row in rows]
-        self._longest = max((row.cached for row in rows), default=0)
-        self._widest = max((row.req.columns for row in rows), default=0)
+        self._decoding = Counter(row.req.tenant for row in rows)
+        self._longest = max((row.cached for row in rows), default=0)  # the decode span
+        self._kept = max((row.cached for row in resident), default=0)  # columns a regrowth must keep
+        self._widest = max((row.req.columns for row in resident), default=0)
         store_rows = [row.kv_row for row in rows]
         batch_rows = _inverse(store_rows)
         lengths = [row.cached for row in rows]
@@ -560,14 +684,15 @@ class NativeSampler:
     def _forward(self) -> torch.Tensor:
         """One decode forward over every row: each writes its next token's KV in place; returns fp32 logits."""
         span = self._longest + 1
-        self._store.reserve(len(self._rows), span, used_cols=self._longest, max_cols=self._widest)
+        resident = len(self._rows) + len(self._paused)
+        self._store.reserve(resident, span, used_cols=self._kept, max_cols=self._widest)
         lengths = self._lengths if self._batch_rows is None else self._lengths.index_select(0, self._batch_rows)
         plan = DecodePlan(
             bias=padding_bias(lengths, span, self.runner.base.dtype),
             store_rows=None if self._batch_rows is None else self._store_rows,
             batch_rows=self._batch_rows,
         )
-        cache = StoreCache.decode(self._store, self._store_rows, self._lengths, span)
+        cache = StoreCache.decode(self._store, self._store_rows, self._lengths, span, live=len(self._rows))
         with lora_batch(self.runner.lora, self._slots) as batch, decode_attention(self.model):
             # The LoRA layers' per-batch tensors (row masks, group offsets) depend only on the batch's runs,
             # which change only when rows join or leave: kept across steps, they are uploaded once, not per step.
@@ -581,10 +706,14 @@ class NativeSampler:
             )
         self._lengths += 1
         self._longest = span
+        self._kept = max(self._kept, span)
         return out.logits[:, -1, :].float()
 
     def _decode(self) -> list[tuple[str, list[SampledSequence]]]:
         logits = self._forward()
+        self.row_steps.update(self._decoding)
+        if len(self._decoding) > 1:
+            self.shared_row_steps.update(self._decoding)
         tokens = self._choose(logits)
         logprobs = torch.log_softmax(logits, dim=-1).gather(1, tokens[:, None]).squeeze(1)
         self._next = tokens

@@ -46,6 +46,11 @@ deficit is below C between visits), S_a = (A - 1) * C + (V_a + 1) * q * (W - w_a
   adapter a with eligible samples waits at most ``(N_a + 1) * (L + 1) - 1`` decode slices, where
   ``N_a = sum over b != a of floor((C + (V_a + 1) * q * w_b) / c_min)`` bounds the samples of others
   admitted first (c_min: the cheapest sample, at least 1 token).
+- Rows per adapter: ``max_adapter_rows`` caps the rows one adapter's admitted samples hold. An adapter at
+  its cap is skipped (not a head-of-line stall) and its deficit reset, so with more admission rows than
+  one adapter may hold, a hog cannot fill them all: the native sampler admits ``2 x`` its decode rows
+  and one adapter may hold at most the decode rows, so a newcomer finds rows free whenever fewer than
+  two adapters hold their cap, and the sampler's fair share (pausing) gives it decode rows at once.
 
 Each ``next_step`` costs O(number of adapters) plus the items it takes.
 """
@@ -121,6 +126,7 @@ class SchedulerPolicy:
     quantum_tokens: int = 1024
     max_decode_rows: int | None = None
     decode_in_background: bool = False
+    max_adapter_rows: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("decode_steps_per_slice", "train_token_budget", "quantum_tokens"):
@@ -129,6 +135,9 @@ class SchedulerPolicy:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if self.max_decode_rows is not None and (not isinstance(self.max_decode_rows, int) or self.max_decode_rows < 1):
             raise ValueError(f"max_decode_rows must be a positive int or None, got {self.max_decode_rows!r}")
+        cap = self.max_adapter_rows
+        if cap is not None and (not isinstance(cap, int) or cap < 1):
+            raise ValueError(f"max_adapter_rows must be a positive int or None, got {cap!r}")
 
 
 @dataclass(frozen=True)
@@ -185,6 +194,7 @@ class _AdapterState:
     epochs: deque[_Epoch] = field(default_factory=lambda: deque([_Epoch()]))
     in_flight: int = 0  # dispatched, not yet completed
     barrier_in_flight: bool = False
+    rows: int = 0  # decode rows held by its admitted, unfinished samples
 
     def eligible(self, kind: WorkKind) -> deque[WorkItem] | None:
         """The queue of ``kind`` whose head may run now, if any (only the first epoch's)."""
@@ -224,11 +234,26 @@ class _DeficitRoundRobin:
         capacity: int,
         size: Callable[[WorkItem], int],
         oversize_alone: bool,
+        room: Callable[[str], int] | None = None,
     ) -> list[WorkItem]:
-        """Pop items in DRR order until the next one does not fit ``capacity`` or nothing is eligible."""
+        """Pop items in DRR order until the next one does not fit ``capacity`` or nothing is eligible.
+
+        ``room(adapter)``: how much more ``size`` that adapter may take now; an adapter whose head does not
+        fit its own room is skipped as not eligible (None: no per-adapter bound).
+        """
         taken: list[WorkItem] = []
+        taken_by: dict[str, int] = {}
         used = 0
         idle_visits = 0
+        base = queue
+
+        def fits_room(adapter: str, item: WorkItem) -> bool:
+            return room is None or taken_by.get(adapter, 0) + size(item) <= room(adapter)
+
+        def queue(adapter: str) -> deque[WorkItem] | None:
+            items = base(adapter)
+            return items if items and fits_room(adapter, items[0]) else None
+
         while ring:
             self.cursor %= len(ring)
             adapter = ring[self.cursor]
@@ -240,14 +265,17 @@ class _DeficitRoundRobin:
                     self.in_visit = True
                 while items and items[0].tokens <= self.deficit[adapter]:
                     item = items[0]
+                    if not fits_room(adapter, item):
+                        break  # at its own bound: the rest of its queue is not eligible now
                     if used + size(item) > capacity and not (oversize_alone and not taken):
                         return taken  # full: the next slice resumes this visit
                     items.popleft()
                     taken.append(item)
+                    taken_by[adapter] = taken_by.get(adapter, 0) + size(item)
                     used += size(item)
                     self.deficit[adapter] -= item.tokens
                     served = True
-            if not items:
+            if not queue(adapter):
                 self.deficit.pop(adapter, None)  # no eligible work: no banked credit
             self.in_visit = False
             self.cursor = (self.cursor + 1) % len(ring)
@@ -314,6 +342,9 @@ class Scheduler:
         cap = self.policy.max_decode_rows
         if item.kind is WorkKind.SAMPLE and cap is not None and item.rows > cap:
             raise InvalidRequest(f"sample {item.request_id!r} needs {item.rows} rows; the decode batch holds {cap}")
+        own = self.policy.max_adapter_rows
+        if item.kind is WorkKind.SAMPLE and own is not None and item.rows > own:
+            raise InvalidRequest(f"sample {item.request_id!r} needs {item.rows} rows; one adapter may hold {own}")
         state = self._state(item.adapter_id)
         epoch = state.epochs[-1]
         if item.kind.is_barrier:
@@ -341,6 +372,7 @@ class Scheduler:
             state.barrier_in_flight = False
         elif item.kind is WorkKind.SAMPLE:
             self._running_rows -= item.rows
+            state.rows -= item.rows
 
     def remove_adapter(self, adapter_id: str) -> list[WorkItem]:
         """Forget the adapter and return its pending items in submission order.
@@ -383,7 +415,13 @@ class Scheduler:
         for decode in (decode_first, not decode_first):
             if decode and decode_ready:
                 admit = self._decode.fill(
-                    self._ring, self._queue(WorkKind.SAMPLE), self.weight, free_decode_rows, _rows, False
+                    self._ring,
+                    self._queue(WorkKind.SAMPLE),
+                    self.weight,
+                    free_decode_rows,
+                    _rows,
+                    False,
+                    None if self.policy.max_adapter_rows is None else self._adapter_room,
                 )
                 # Empty and nothing running: the next sample cannot fit even an idle batch (see
                 # ``max_decode_rows``); decoding nothing would spin, so let training run instead.
@@ -432,6 +470,15 @@ class Scheduler:
         state = self._adapters.get(adapter_id)
         return state.in_flight if state is not None else 0
 
+    def adapter_ids(self) -> list[str]:
+        """Adapters the scheduler knows (registration order)."""
+        return list(self._ring)
+
+    def adapter_rows(self, adapter_id: str) -> int:
+        """Decode rows held by the adapter's admitted, unfinished samples."""
+        state = self._adapters.get(adapter_id)
+        return state.rows if state is not None else 0
+
     @property
     def running_rows(self) -> int:
         """Decode rows held by admitted, unfinished samples."""
@@ -464,6 +511,10 @@ class Scheduler:
             self._ring.append(adapter_id)
         return state
 
+    def _adapter_room(self, adapter_id: str) -> int:
+        assert self.policy.max_adapter_rows is not None
+        return self.policy.max_adapter_rows - self._adapters[adapter_id].rows
+
     def _queue(self, kind: WorkKind) -> QueueOf:
         return lambda adapter_id: self._adapters[adapter_id].eligible(kind)
 
@@ -489,6 +540,7 @@ class Scheduler:
             state.barrier_in_flight = True
         elif item.kind is WorkKind.SAMPLE:
             self._running_rows += item.rows
+            state.rows += item.rows
 
 
 def _rows(item: WorkItem) -> int:

@@ -215,6 +215,12 @@ def _cmd_bench_gateway(args: argparse.Namespace) -> int:
     return bench_gateway_main(args)
 
 
+def _cmd_bench_fairness(args: argparse.Namespace) -> int:
+    from hotlora.benchmarks.fairness import main as bench_fairness_main
+
+    return bench_fairness_main(args)
+
+
 def _cmd_bench_migration(args: argparse.Namespace) -> int:
     from hotlora.benchmarks.migration import main as bench_migration_main
 
@@ -249,6 +255,11 @@ BENCHES = (
         "migration",
         "engines join and die under N agents: each migrated adapter's pause, verified run",
         _cmd_bench_migration,
+    ),
+    (
+        "fairness",
+        "a victim's RL step alone, under a flooding tenant and among N tenants: slowdown, flooder share, RSS",
+        _cmd_bench_fairness,
     ),
 )
 

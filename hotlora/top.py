@@ -137,7 +137,7 @@ def render(state: TopState, now_ms: int, stale_s: float) -> Table:
     table = Table(title=title, title_justify="left")
     table.add_column("adapter", no_wrap=True)
     table.add_column("engine", no_wrap=True)
-    for name in ("queued", "running", "tokens/s", "version", "step", "reward", "lag"):
+    for name in ("queued", "running", "rows", "paused", "refused", "tokens/s", "version", "step", "reward", "lag"):
         table.add_column(name, justify="right")
     table.add_column("experiment")
     for row in rows:
@@ -147,6 +147,9 @@ def render(state: TopState, now_ms: int, stale_s: float) -> Table:
             _cell(row.engine_id),
             _cell(load.queued if load else None),
             _cell(load.running if load else None),
+            _cell(load.rows if load else None),
+            _cell(load.paused_rows if load else None),
+            _cell(load.quota_refusals if load else None),
             _cell(load.tokens_per_s if load else None, "{:.0f}"),
             _cell(load.version if load else None),
             _cell(row.step),

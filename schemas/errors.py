@@ -67,6 +67,18 @@ class Forbidden(HotLoraError):
     code = "forbidden"
 
 
+class QuotaExceeded(HotLoraError):
+    """The request's principal is at one of its quotas (adapters, queued requests or bytes, sample rows,
+    tokens per ``forward_backward``); the request did not run and nothing else changed. Retry later, with
+    a new ``request_id``: a retry of this one is answered with this refusal again."""
+
+    code = "quota_exceeded"
+
+    def __init__(self, message: str, quota: str = "") -> None:
+        super().__init__(message)
+        self.quota = quota  # which quota (engine.kafka.quotas.QuotaLimits field); not sent on the wire
+
+
 # ----- the wire's code -----
 
 
@@ -100,6 +112,7 @@ ERROR_CODES: dict[str, type[HotLoraError]] = {
         EngineClosed,
         SchemaError,
         Forbidden,
+        QuotaExceeded,
     )
 }
 

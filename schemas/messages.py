@@ -288,7 +288,9 @@ class AdapterLoad(msgspec.Struct, kw_only=True, frozen=True):
     ``sampled_tokens`` / ``trained_tokens`` are cumulative since the engine started (generated tokens
     of ``sample`` results; ``input_tokens`` of ``forward_backward`` datums); ``tokens_per_s`` is both
     together since the previous heartbeat. ``version`` is the trainer's version (its optimizer steps);
-    ``version_lag`` is ``docs/protocol.md``'s off-policy lag (0 = on-policy).
+    ``version_lag`` is ``docs/protocol.md``'s off-policy lag (0 = on-policy). ``rows`` / ``paused_rows``:
+    its decode rows running / paused to give other tenants their share (throttling), after the last
+    decode slice; ``quota_refusals``: its requests refused with ``quota_exceeded`` since the engine started.
     """
 
     queued: NonNegative = 0
@@ -300,6 +302,9 @@ class AdapterLoad(msgspec.Struct, kw_only=True, frozen=True):
     version_lag: NonNegative = 0
     optim_steps: NonNegative = 0
     errors: NonNegative = 0
+    rows: NonNegative = 0
+    paused_rows: NonNegative = 0
+    quota_refusals: NonNegative = 0
 
 
 class Heartbeat(Event, tag="heartbeat", kw_only=True, frozen=True):

@@ -18,7 +18,7 @@ from hotlora.engine.kafka.broker import EmbeddedBroker
 from hotlora.engine.kafka.convert import from_engine, to_engine
 from hotlora.engine.observability import EngineMetrics
 from hotlora.engine.runner import ModelRunner, RunnerConfig
-from hotlora.engine.scheduler import SchedulerPolicy
+from hotlora.engine.scheduler import Scheduler, SchedulerPolicy, WorkItem, WorkKind
 from hotlora.schemas import messages as wire
 from hotlora.schemas.arrays import pack_i32
 from hotlora.schemas.errors import HotLoraError
@@ -237,3 +237,26 @@ def test_engine_service_serves_metrics_while_two_adapters_train_over_kafka(
         assert value(samples, "hotlora_micro_batch_rows_count", kind="train") > 0
 
     asyncio.run(main())
+
+
+def test_per_tenant_queue_rows_throttling_and_row_steps() -> None:
+    metrics = EngineMetrics()
+    value = metrics.registry.get_sample_value
+    scheduler = Scheduler()
+    for k in range(3):
+        scheduler.submit(WorkItem(f"s{k}", "hog", WorkKind.SAMPLE, tokens=10, rows=4))
+    metrics.observe_tenants(scheduler, {"hog": (6, 10), "small": (2, 0)}, {"hog": (60, 20), "small": (4, 4)})
+    assert value("hotlora_queue_depth", {"adapter": "hog"}) == 3
+    assert value("hotlora_decode_rows", {"adapter": "hog"}) == 6
+    assert value("hotlora_paused_rows", {"adapter": "hog"}) == 10
+    assert value("hotlora_decode_rows", {"adapter": "small"}) == 2
+    metrics.observe_tenants(scheduler, {"hog": (8, 0)}, {"hog": (68, 20), "small": (4, 4)})
+    assert value("hotlora_decode_row_steps_total", {"adapter": "hog"}) == 68  # counters take what grew
+    assert value("hotlora_shared_decode_row_steps_total", {"adapter": "hog"}) == 20
+    assert value("hotlora_decode_rows", {"adapter": "small"}) is None  # gone from the batch and the queue
+    assert value("hotlora_paused_rows", {"adapter": "hog"}) == 0
+    load = metrics.adapter_load(scheduler, ["hog"])["hog"]
+    assert (load.rows, load.paused_rows, load.queued) == (8, 0, 3)
+    metrics.forget("hog")
+    assert value("hotlora_decode_rows", {"adapter": "hog"}) is None
+    assert value("hotlora_decode_row_steps_total", {"adapter": "hog"}) is None

@@ -379,3 +379,62 @@ def test_bad_requests_are_rejected_at_add(adapters: ModelRunner) -> None:
         sampler.add(Sample("a-all", [5], 1, GREEDY, request_id="r"))  # duplicate id while unfinished
     assert not sampler.step()  # the valid request runs; nothing bad reached the batch
     assert sampler.num_running_rows() == 1
+
+
+# ----- fair decode rows: pausing (issue 18) -----
+
+
+def test_a_newcomer_pauses_the_hog_and_paused_sequences_match_unpaused(adapters: ModelRunner) -> None:
+    """A hog holds every decode row; a newcomer decodes at the very next step, the hog's newest request
+    pauses (KV kept) and later resumes, and every sequence is what it is alone: greedy and seeded."""
+    runner = adapters
+    seeded = SamplingParams(max_tokens=14, temperature=1.0, top_k=20, seed=7)
+    greedy = SamplingParams(max_tokens=14, temperature=0.0)
+    hog = [
+        Sample("a-all", PROMPTS[0], 2, greedy, request_id="hog-0"),
+        Sample("a-all", PROMPTS[3], 2, seeded, request_id="hog-1"),
+        Sample("a-all", PROMPTS[1], 2, greedy, request_id="hog-2"),
+        Sample("a-all", PROMPTS[2], 2, seeded, request_id="hog-3"),
+    ]
+    newcomer = Sample("a-attn", PROMPTS[1], 4, seeded, request_id="new")
+    sampler = NativeSampler(runner, max_rows=12, decode_rows=8)
+    for request in hog:
+        sampler.add(request)
+    results: dict[str, list[SampledSequence]] = {}
+    for _ in range(3):
+        results.update(sampler.step())
+    assert sampler.tenant_rows() == {"a-all": (8, 0)}  # alone, the hog has every decode row
+    sampler.add(newcomer)
+    results.update(sampler.step())
+    # At once: equal weights share 8 rows 4/4, whole requests, oldest first: hog-2 and hog-3 pause.
+    assert sampler.tenant_rows() == {"a-all": (4, 4), "a-attn": (4, 0)}
+    assert sampler.num_paused_rows() == 4
+    paused_at = {row.req.request.request_id: len(row.tokens) for row in sampler._paused}
+    assert set(paused_at) == {"hog-2", "hog-3"}
+    results.update(sampler.step())
+    still = {row.req.request.request_id: len(row.tokens) for row in sampler._paused}
+    assert still == paused_at  # paused rows skip decode steps: no token, no draw
+    results.update(run_to_completion(sampler))
+    assert sampler.num_paused_rows() == 0 and not sampler.has_unfinished()
+    for request in [*hog, newcomer]:
+        alone = NativeSampler(runner).sample(request.adapter_id, request.prompt_tokens, request.n, request.params)
+        for got, want in zip(results[request.request_id], alone, strict=True):
+            assert_same(got, want)
+
+
+def test_decode_rows_are_shared_by_weight_and_requests_stay_whole(adapters: ModelRunner) -> None:
+    runner = adapters
+    long = SamplingParams(max_tokens=40, temperature=0.0)
+    weights = {"a-all": 3.0, "a-attn": 1.0}
+    sampler = NativeSampler(runner, max_rows=24, decode_rows=8, weight=lambda a: weights.get(a or "", 1.0))
+    for k in range(6):
+        sampler.add(Sample("a-all", PROMPTS[k % 4], 2, long, request_id=f"heavy-{k}"))
+        sampler.add(Sample("a-attn", PROMPTS[k % 4], 2, long, request_id=f"light-{k}"))
+    sampler.step()
+    assert sampler.tenant_rows() == {"a-all": (6, 6), "a-attn": (2, 10)}  # 3:1 of 8 rows, in whole requests
+    by_request: dict[str, set[bool]] = {}
+    for row in sampler._rows + sampler._paused:
+        by_request.setdefault(row.req.request.request_id, set()).add(row.req.paused)
+    assert all(len(states) == 1 for states in by_request.values())  # a request's rows pause together
+    with pytest.raises(InvalidRequest, match="decode_rows"):
+        NativeSampler(runner, max_rows=4, decode_rows=5)

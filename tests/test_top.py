@@ -88,6 +88,12 @@ def test_render_shows_every_column() -> None:
     for cell in ("e1", "1234", "0.875", "exp-a", "0/4 resident"):
         assert cell in text, cell
     assert "no live" not in text_of(TopState())  # an empty deployment renders an empty table
+    throttled = folded(heartbeat("e1", NOW - 1000, a=AdapterLoad(rows=48, paused_rows=173, quota_refusals=29)))
+    text = text_of(throttled)
+    for column in ("rows", "paused", "refused"):
+        assert column in text, column
+    for cell in ("48", "173", "29"):  # decode rows held, paused (throttled), quota_exceeded refusals
+        assert cell in text, cell
     assert "0 live engines, 0 adapters" in text_of(TopState())
 
 

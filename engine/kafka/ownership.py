@@ -93,6 +93,10 @@ class OwnerRegistry:
     def __len__(self) -> int:
         return len(self.owners)
 
+    def count(self, principal: str) -> int:
+        """Adapters recorded for ``principal`` ("": the unowned ones)."""
+        return sum(owner.principal == principal for owner in self.owners.values())
+
     def owner(self, adapter_id: str) -> Owner | None:
         return self.owners.get(adapter_id)
 

@@ -58,6 +58,7 @@ from hotlora.engine.kafka.durability import Durability, DurableStore, Records
 from hotlora.engine.kafka.heartbeats import Heartbeats
 from hotlora.engine.kafka.ownership import OwnershipGate
 from hotlora.engine.kafka.placement import CoPartitionAssignor, Handover
+from hotlora.engine.kafka.quotas import QuotaLimits, Quotas
 from hotlora.engine.kafka.replies import Outbox, salvage_seq
 from hotlora.engine.kafka.sequencing import OffsetTracker, ResultCache, Sequencer
 from hotlora.engine.kafka.service_config import ServiceConfig
@@ -68,7 +69,7 @@ from hotlora.engine.types import ListAdapters, OptimStep, OptimStepOutput, SaveS
 from hotlora.engine.vllm_sampler import VllmSettings
 from hotlora.schemas import messages as wire
 from hotlora.schemas.codec import decode, encode, is_topic_name, reject
-from hotlora.schemas.errors import Forbidden, HotLoraError, InvalidRequest, SchemaError
+from hotlora.schemas.errors import Forbidden, HotLoraError, InvalidRequest, QuotaExceeded, SchemaError
 from hotlora.schemas.topics import Topics
 
 log = structlog.get_logger("hotlora.service")
@@ -136,6 +137,9 @@ class EngineService:
         self.owners = OwnershipGate.load(self.checkpoint_dir / "owners", legacy=self.checkpoint_dir / "owners.json")
         # Durability (engine.kafka.durability): a request's offset commits once a current snapshot covers it.
         self.durability = Durability(DurableStore(self.checkpoint_dir / ".durable")) if config.durable else None
+        # Per-principal quotas (engine.kafka.quotas), checked in seq order right before the engine.
+        self.quotas = Quotas(quota_limits(config), max_request_rows=config.max_decode_rows)
+        self._sizes: dict[str, int] = {}  # request_id -> its record's bytes, until it is executed
         self.state = "starting"
         # Prometheus metrics (engine.observability): an injected engine's own, else one when --metrics-port is set.
         self.metrics: EngineMetrics | None = engine.metrics if engine is not None else None
@@ -352,6 +356,7 @@ class EngineService:
             return
         if self._refuse_foreign(message, records, received) or self._already_durable(message, records):
             return
+        self._sizes[message.request_id] = len(record.value or b"")
         self._sequence(message, records, received)
 
     # ----- 2. decode: ``decode_request`` above, then duplicates -----
@@ -421,7 +426,12 @@ class EngineService:
         assert self.engine is not None
         with structlog.contextvars.bound_contextvars(request_id=message.request_id, adapter_id=message.adapter_id):
             try:
-                self.owners.admit(message)  # before the first await: in seq order; Forbidden changes nothing
+                self._admit_quota(message)  # before the first await, in seq order; a refusal changes nothing
+                try:
+                    self.owners.admit(message)  # Forbidden changes nothing
+                except BaseException:
+                    self.quotas.release(message.request_id)
+                    raise
                 request = to_engine(self._resolve_paths(message))
                 if isinstance(request, OptimStep) and self.durability is not None and message.seq:
                     request.capture_state = True  # the durable snapshot, taken in the optim_step's own engine step
@@ -431,6 +441,7 @@ class EngineService:
             except Exception as err:  # a tenant's request must never take the edge down
                 log.exception("request_crashed")
                 result = err
+            self.quotas.release(message.request_id)  # answered: what it held is free for the next
             if self.fenced:  # the engine stopped mid-rebalance: the new owner answers this request, not us
                 log.info("request_abandoned", type=wire.tag_of(type(message)), seq=message.seq)
                 return
@@ -455,6 +466,26 @@ class EngineService:
             if isinstance(reply, wire.CreateAdapterResult | wire.DeleteAdapterResult | wire.LoadStateResult):
                 assert self.heartbeats is not None
                 await self.heartbeats.status(self.state)
+
+    def _admit_quota(self, message: wire.RequestMessage) -> None:
+        """Count the request against its principal's quotas, or raise ``QuotaExceeded`` (nothing counted).
+
+        The refusal is answered like any refusal after sequencing: it takes the request's ``seq`` (the
+        adapter's next request is not held for it) and, with durability on, its stored reply answers a
+        re-delivery; the adapter, its owner record and other requests are untouched.
+        """
+        size = self._sizes.pop(message.request_id, 0)
+        owned = None
+        adapter_id = message.adapter_id
+        if isinstance(message, wire.CreateAdapter | wire.LoadState) and adapter_id not in self.owners.registry:
+            owned = self.owners.registry.count(message.principal)
+        try:
+            self.quotas.admit(message, size, owned)
+        except QuotaExceeded as err:
+            log.warning("quota_exceeded", principal=message.principal, quota=err.quota)
+            if self.metrics is not None:
+                self.metrics.observe_quota_refusal(message.principal, err.quota)
+            raise
 
     def _resolve_paths(self, message: wire.RequestMessage) -> wire.RequestMessage:
         """Checkpoint paths live under ``checkpoint_dir``: relative ones are taken from there, and any path
@@ -599,6 +630,7 @@ class EngineService:
         self._early.clear()
         for message, _ in self._sequencer.drop_held():
             self._inflight.pop(message.request_id, None)
+            self._sizes.pop(message.request_id, None)
         if not await self.handover.quiesce(self._tasks):
             self.request_stop()
             return
@@ -649,10 +681,23 @@ class _Rebalance(ConsumerRebalanceListener):
         await self.service._adopt(set(assigned))
 
 
+def quota_limits(settings: ServiceConfig) -> QuotaLimits:
+    """The per-principal quotas, out of the service's settings."""
+    return QuotaLimits(
+        adapters_per_principal=settings.quota_adapters,
+        queued_per_adapter=settings.quota_queued_per_adapter,
+        queued_per_principal=settings.quota_queued,
+        queued_bytes_per_principal=settings.quota_queued_bytes,
+        sample_rows_per_principal=settings.quota_sample_rows,
+        forward_backward_tokens=settings.quota_forward_backward_tokens,
+    )
+
+
 def engine_config(settings: ServiceConfig) -> EngineConfig:
     """The engine's own settings, out of the service's."""
     return EngineConfig(
         max_decode_rows=settings.max_decode_rows,
+        max_resident_rows=settings.max_resident_rows or None,
         sampler=settings.sampler,
         vllm=VllmSettings(
             max_loras=settings.vllm_max_loras,

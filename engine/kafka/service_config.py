@@ -35,6 +35,14 @@ class ServiceConfig:
     heartbeat_interval: float = 5.0  # seconds between heartbeat events
     metrics_port: int | None = None  # Prometheus /metrics (engine.observability); 0: a free port; None: off
     max_decode_rows: int = 256
+    max_resident_rows: int = 0  # native sampler: rows admitted at once, running or paused; 0: 2 x max_decode_rows
+    # Per-principal quotas (engine.kafka.quotas); 0 switches one off.
+    quota_adapters: int = 64
+    quota_queued_per_adapter: int = 256
+    quota_queued: int = 1024
+    quota_queued_bytes: int = 256 << 20
+    quota_sample_rows: int = 4096
+    quota_forward_backward_tokens: int = 1 << 20
     resident_slots: int | None = None
     # CUDA without resident_slots: the share of device memory left free by the loaded model that
     # resident adapters may fill (engine.adapters.slots_for_memory); the rest is for activations.
@@ -100,7 +108,17 @@ _FLAGS: dict[str, str] = {
     "device_lock_dir": "cuda:claim GPU locks, shared by one host's engines (default /tmp/hotlora-device-locks)",
     "heartbeat_interval": "seconds between heartbeat events (default 5)",
     "metrics_port": "serve Prometheus metrics at http://0.0.0.0:PORT/metrics; 0 picks a free port (default: off)",
-    "max_decode_rows": "rows in the running decode batch (default 256)",
+    "max_decode_rows": "rows in the running decode batch, shared fairly among tenants (default 256)",
+    "max_resident_rows": "native sampler: rows admitted at once, decoding or paused for fairness, each holding its "
+    "KV cache; one adapter holds at most --max-decode-rows of them (default 0: 2 x --max-decode-rows)",
+    "quota_adapters": "adapters one principal may own; 0: no quota (default 64, of the engine's 256)",
+    "quota_queued_per_adapter": "requests of one adapter accepted and not yet answered; 0: no quota (default 256)",
+    "quota_queued": "requests of one principal accepted and not yet answered; 0: no quota (default 1024)",
+    "quota_queued_bytes": "wire bytes of one principal's accepted, unanswered requests; 0: no quota "
+    "(default 268435456)",
+    "quota_sample_rows": "sample rows (n) of one principal's accepted, unanswered samples; 0: no quota (default 4096)",
+    "quota_forward_backward_tokens": "padded tokens (datums x longest) of one forward_backward; 0: no quota "
+    "(default 1048576)",
     "resident_slots": "adapters resident on the device at once (default: all on CPU; on CUDA, as many as fit "
     "--resident-memory-fraction)",
     "resident_memory_fraction": "CUDA without --resident-slots: share of the memory free after the model loads "
