@@ -45,7 +45,7 @@ import structlog
 import torch
 from rich.console import Console
 
-from hotlora.benchmarks.core import git_commit, machine_info, repo_root
+from hotlora.benchmarks.core import append_section, git_commit, machine_info
 from hotlora.benchmarks.soak import MIB, rss_bytes
 
 DOCS_INTRO = """## `hotlora bench fairness`
@@ -321,12 +321,7 @@ def markdown_section(result: dict[str, Any]) -> str:
 
 
 def append_docs(result: dict[str, Any], path: Path | None = None) -> Path:
-    path = path or repo_root() / "docs" / "benchmarks.md"
-    text = path.read_text() if path.is_file() else "# Benchmarks\n"
-    if "## `hotlora bench fairness`" not in text:
-        text = text.rstrip("\n") + "\n\n" + DOCS_INTRO
-    path.write_text(text.rstrip("\n") + "\n\n" + markdown_section(result))
-    return path
+    return append_section(markdown_section(result), DOCS_INTRO, path)
 
 
 _FLAGS = {
