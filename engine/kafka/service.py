@@ -35,6 +35,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 import re
 import signal
 import sys
@@ -711,6 +712,8 @@ def configure_logging(level: str = "info") -> None:
 
 async def serve(config: ServiceConfig) -> int:
     """Run until SIGTERM or SIGINT, then shut down gracefully; 0 on a clean stop."""
+    # The first log line: everything before it is the interpreter's start and the imports.
+    log.info("engine_starting", engine_id=config.engine_id, pid=os.getpid())
     service = EngineService(config)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
