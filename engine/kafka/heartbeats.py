@@ -1,9 +1,10 @@
 """``Heartbeats``: what an engine tells the fleet on the metrics topic, and nothing else.
 
 ``engine_status`` goes out when the engine's state or its adapters change (starting, running, draining,
-stopped; a create, delete or load). A ``heartbeat`` goes out every ``heartbeat_interval`` seconds with
-liveness, capacity (resident slots), load and what this engine owns, which ``hotlora status`` and
-``hotlora top`` fold into the fleet's view.
+stopped; a create, delete or load); ``running`` the moment the engine took its first partitions. A
+``heartbeat`` goes out every ``heartbeat_interval`` seconds with liveness, capacity (resident slots),
+load and what this engine owns, which ``hotlora status`` and ``hotlora top`` fold into the fleet's view.
+Both are keyed by the engine id, so each engine's announcements stay in order on one partition.
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ class Heartbeats:
         self.engine_id = engine_id
         self.model = model
         self.metrics = metrics
+        # Keyed by the engine: one partition holds all of an engine's announcements, in the order sent,
+        # so a reader that keeps the latest never sees ``starting`` after ``running``.
+        self._key = engine_id.encode()
 
     async def status(self, state: str) -> None:
         """``engine_status``: the engine's state, limits and adapters (a send failure raises)."""
@@ -42,7 +46,7 @@ class Heartbeats:
             sampler=self.engine.sampler_name,
             adapters=from_engine(wire.ListAdapters(), infos).adapters,  # type: ignore[union-attr]
         )
-        await self.outbox.send(self.outbox.topics.metrics, status)
+        await self.outbox.send(self.outbox.topics.metrics, status, self._key)
 
     async def beat(
         self, state: str, queued_requests: int, partitions: set[int], consumer: AIOKafkaConsumer | None
@@ -70,7 +74,7 @@ class Heartbeats:
             load=load,
         )
         try:
-            await self.outbox.send(self.outbox.topics.metrics, heartbeat)
+            await self.outbox.send(self.outbox.topics.metrics, heartbeat, self._key)
         except KafkaError as err:
             log.warning("heartbeat_failed", error=str(err))
 
