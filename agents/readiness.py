@@ -5,8 +5,10 @@ Why it is built this way (each was a measured lag, 15-50 s in all, on Tansu):
 * The metrics topic may not exist yet when the waiter starts. A consumer that assigns partitions by hand
   must know them, and aiokafka never refreshes its own cluster view for a topic that appeared after it
   started (``topics()`` fetches a separate copy): it fell back to partition 0 and saw only the
-  announcements that happened to land there. Here the consumer *subscribes* (no group): it asks for
-  the topic's metadata every ``METADATA_MS`` until the topic exists, then reads every partition.
+  announcements that happened to land there. Here the consumer lists the cluster's topics every
+  ``METADATA_MS`` until the topic exists, then *subscribes* to it (no group) and so reads every
+  partition. Not subscribing earlier matters: a metadata request naming a missing topic makes Tansu
+  (and Kafka with ``auto.create.topics.enable``) create it, with the broker's partition count.
 * Tansu answers an empty fetch only when the fetch wait expires, so a long wait is added latency.
 * An engine announces ``running`` (``engine_status`` and a heartbeat) the moment it joined its group
   and took its partitions; this waits for that state, not for any heartbeat (one may say ``starting``).
@@ -24,7 +26,7 @@ from hotlora.engine.kafka.security import kafka_kwargs
 from hotlora.schemas import EngineStatus, Heartbeat, SchemaError, Topics, decode
 
 POLL_MS = 200
-METADATA_MS = 100  # how often the topic's metadata is asked for while it does not exist
+METADATA_MS = 100  # how often the topics are listed while the metrics topic does not exist
 FETCH_WAIT_MS = 10  # Tansu holds an empty fetch this long
 
 
@@ -44,7 +46,6 @@ async def wait_for_engine(
     """
     topic = Topics(topic_prefix).metrics
     consumer = AIOKafkaConsumer(
-        topic,
         bootstrap_servers=bootstrap,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
@@ -55,6 +56,9 @@ async def wait_for_engine(
     await consumer.start()
     try:
         async with asyncio.timeout(timeout):
+            while topic not in await consumer.topics():  # all topics' metadata: creates nothing
+                await asyncio.sleep(METADATA_MS / 1000)
+            consumer.subscribe([topic])
             while True:
                 for records in (await consumer.getmany(timeout_ms=POLL_MS)).values():
                     for record in records:

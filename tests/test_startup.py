@@ -21,9 +21,11 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import pytest
 from prometheus_client import CollectorRegistry, Counter, make_wsgi_app
 
 from hotlora.agents.readiness import wait_for_engine
+from hotlora.engine.kafka.admin import list_topics
 from hotlora.engine.kafka.broker import EmbeddedBroker
 from hotlora.engine.kafka.service_config import ServiceConfig
 from hotlora.engine.probe import probe_app
@@ -83,6 +85,20 @@ async def probe_while_serving(config: ServiceConfig) -> None:
         service.state = "draining"  # what shutdown sets first: an orchestrator must stop sending work
         assert await asyncio.to_thread(get, service.metrics_port, "/ready") == 503
         service.state = "running"
+
+
+def test_waiting_for_an_engine_that_never_comes_times_out_and_creates_no_topic(
+    broker: EmbeddedBroker, topic_prefix: str
+) -> None:
+    """The waiter may start first; it must not create the metrics topic (with the broker's partition
+    count) by asking for its metadata, and it fails with ``TimeoutError``, not a hang."""
+
+    async def main() -> list[str]:
+        with pytest.raises(TimeoutError):
+            await wait_for_engine(broker.bootstrap, topic_prefix, timeout=1.0)
+        return await list_topics(broker.bootstrap, topic_prefix)
+
+    assert asyncio.run(main()) == []
 
 
 def log_time(line: bytes) -> tuple[str, float] | None:
