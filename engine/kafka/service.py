@@ -228,7 +228,7 @@ class EngineService:
         ]
 
     async def _connect(self) -> None:
-        """Topics, the producer, and the consumer: its group join runs in the background from ``start``."""
+        """Topics, the producer, and the consumer, whose ``start`` joins the group (on Tansu: at least 1 s)."""
         config = self.config
         assert self.bootstrap is not None
         created = await ensure_topics(
@@ -262,8 +262,8 @@ class EngineService:
             partition_assignment_strategy=(self.assignor,),
         )
         self._consumer.subscribe(list(self.topics.requests()), listener=_Rebalance(self))
-        await self._consumer.start()
-        log.info("group_joining", group=config.consumer_group, session_timeout_ms=config.session_timeout_ms)
+        await self._consumer.start()  # returns once the group is joined; the assignment's callback may wait
+        log.info("group_joined", group=config.consumer_group, session_timeout_ms=config.session_timeout_ms)
 
     def _load_engine(self) -> Engine:
         if self.config.device == CLAIM:  # before CUDA starts: it narrows CUDA_VISIBLE_DEVICES to the claimed GPU
