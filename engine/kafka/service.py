@@ -262,8 +262,19 @@ class EngineService:
             partition_assignment_strategy=(self.assignor,),
         )
         self._consumer.subscribe(list(self.topics.requests()), listener=_Rebalance(self))
-        await self._consumer.start()  # returns once the group is joined; the assignment's callback may wait
+        try:
+            await self._consumer.start()  # returns once the group is joined; the assignment's callback may wait
+        except InvalidSessionTimeoutError:
+            raise self._session_refused() from None
         log.info("group_joined", group=config.consumer_group, session_timeout_ms=config.session_timeout_ms)
+
+    def _session_refused(self) -> InvalidSessionTimeoutError:
+        """The broker's refusal of our session timeout, with what to do about it."""
+        return InvalidSessionTimeoutError(
+            f"the broker refuses session_timeout_ms={self.config.session_timeout_ms} (Apache Kafka's "
+            "group.min.session.timeout.ms is 6000 unless lowered): lower the broker's minimum or pass "
+            "--session-timeout-ms 6000 (HOTLORA_SESSION_TIMEOUT_MS)"
+        )
 
     def _load_engine(self) -> Engine:
         if self.config.device == CLAIM:  # before CUDA starts: it narrows CUDA_VISIBLE_DEVICES to the claimed GPU
@@ -337,12 +348,8 @@ class EngineService:
         while not self._stop.is_set():
             try:
                 batch = await self._consumer.getmany(timeout_ms=FETCH_TIMEOUT_MS)
-            except InvalidSessionTimeoutError:
-                raise InvalidSessionTimeoutError(
-                    f"the broker refuses session_timeout_ms={self.config.session_timeout_ms} (Apache Kafka's "
-                    "group.min.session.timeout.ms is 6000 unless lowered): lower the broker's minimum or pass "
-                    "--session-timeout-ms 6000 (HOTLORA_SESSION_TIMEOUT_MS)"
-                ) from None
+            except InvalidSessionTimeoutError:  # a later rejoin, against a broker whose minimum changed
+                raise self._session_refused() from None
             for partition, records in batch.items():
                 for record in records:
                     self._on_record(partition, record)
