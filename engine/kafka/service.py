@@ -213,7 +213,6 @@ class EngineService:
                 self.engine = await loading
         assert self.engine is not None and self.outbox is not None
         await self.engine.start()
-        log.info("model_loaded", model=self.model)
         if self.durability is None:
             log.warning("durability_off", consequence="an adapter that moves to another engine starts empty there")
         self.heartbeats = Heartbeats(self.outbox, self.engine, self.config.engine_id, self.model, self.metrics)
@@ -286,13 +285,15 @@ class EngineService:
         log.info(
             "loading_model", model=self.model, dtype=settings.dtype, device=settings.device, sampler=settings.sampler
         )
-        return Engine.from_pretrained(
+        engine = Engine.from_pretrained(
             self.model,
             dtype=settings.dtype,
             device="cuda" if settings.device == CLAIM else settings.device,
             config=engine_config(settings),
             metrics=self.metrics,
         )
+        log.info("model_loaded", model=self.model)  # on the loading thread: the moment it is done
+        return engine
 
     async def _shutdown(self) -> None:
         """The one shutdown path: wait for every task and the follow-ups they start, checkpoint, commit."""
