@@ -16,19 +16,22 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
+from aiokafka import AIOKafkaProducer
 from prometheus_client import CollectorRegistry, Counter, make_wsgi_app
 
 from hotlora.agents.readiness import wait_for_engine
-from hotlora.engine.kafka.admin import list_topics
+from hotlora.engine.kafka.admin import create_topics, list_topics
 from hotlora.engine.kafka.broker import EmbeddedBroker
 from hotlora.engine.kafka.service_config import ServiceConfig
 from hotlora.engine.probe import probe_app
+from hotlora.schemas import EngineStatus, Topics, encode
 from tests.helpers import running_engine_service, service_config_for_tests
 
 READINESS_BOUND_S = 1.5  # after engine_running; measured ~0.01-0.05 s
@@ -99,6 +102,38 @@ def test_waiting_for_an_engine_that_never_comes_times_out_and_creates_no_topic(
         return await list_topics(broker.bootstrap, topic_prefix)
 
     assert asyncio.run(main()) == []
+
+
+def test_waiter_takes_only_running_of_the_engine_asked_for_and_since_the_time_given(
+    broker: EmbeddedBroker, topic_prefix: str
+) -> None:
+    """Announcements published by hand: ``starting``, another engine's ``running`` and one older than
+    ``since_ms`` are passed over; the matching ``running`` is returned, from whichever partition."""
+    topic = Topics(topic_prefix).metrics
+
+    def status(engine_id: str, state: str) -> bytes:
+        return encode(EngineStatus(engine_id=engine_id, model="m", state=state))
+
+    async def main() -> None:
+        await create_topics(broker.bootstrap, [topic], 4)
+        producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap)
+        await producer.start()
+        try:
+            now = int(time.time() * 1000)
+            await producer.send_and_wait(topic, status("e1", "running"), partition=0, timestamp_ms=now - 60_000)
+            await producer.send_and_wait(topic, status("e1", "starting"), partition=1)
+            await producer.send_and_wait(topic, status("e2", "running"), partition=2)
+            with pytest.raises(TimeoutError):
+                await wait_for_engine(broker.bootstrap, topic_prefix, timeout=1.0, engine_id="e1", since_ms=now)
+            old = await wait_for_engine(broker.bootstrap, topic_prefix, timeout=30, engine_id="e1")
+            assert (old.engine_id, old.state) == ("e1", "running")  # without since_ms, the old one counts
+            await producer.send_and_wait(topic, status("e1", "running"), partition=3)
+            found = await wait_for_engine(broker.bootstrap, topic_prefix, timeout=30, engine_id="e1", since_ms=now)
+            assert (found.engine_id, found.state) == ("e1", "running")
+        finally:
+            await producer.stop()
+
+    asyncio.run(main())
 
 
 def log_time(line: bytes) -> tuple[str, float] | None:
