@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from peft import LoraConfig
 from safetensors.torch import load_file, save_file
 
 from hotlora.engine.types import AdamParams, LoraSpec
@@ -73,6 +72,8 @@ def _commit_dir(tmp: Path, path: Path) -> None:
 def write_peft(
     tmp: Path, spec: LoraSpec, weights: dict[str, tuple[torch.Tensor, torch.Tensor]], base_path: str
 ) -> None:
+    from peft import LoraConfig  # here, not at the top: importing peft costs every engine start 0.1-0.4 s
+
     config = LoraConfig(
         r=spec.rank,
         lora_alpha=spec.alpha,

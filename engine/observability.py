@@ -27,12 +27,13 @@ from __future__ import annotations
 import contextlib
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from hotlora.engine.probe import serve
 from hotlora.engine.scheduler import DecodeSlice, RunBarrier, Step, TrainSlice
 from hotlora.schemas import messages as wire
 
@@ -153,13 +154,14 @@ class EngineMetrics:
 
     # ----- HTTP endpoint -----
 
-    def start_http_server(self, port: int = 0, addr: str = "0.0.0.0") -> int:
-        """Serve ``/metrics`` from this registry on a daemon thread; ``port`` 0 picks a free one.
+    def start_http_server(self, port: int = 0, addr: str = "0.0.0.0", state: Callable[[], str] | None = None) -> int:
+        """Serve ``/metrics`` from this registry on a daemon thread; ``port`` 0 picks a free one. With
+        ``state`` (the engine's: ``running`` when it serves) also ``/ready`` and ``/live`` (engine.probe).
 
         Returns the bound port (the one to scrape, and to log when 0 was asked for).
         """
         if self._server is None:
-            self._server, _ = start_http_server(port, addr, registry=self.registry)
+            self._server = serve(self.registry, state or (lambda: "running"), port, addr)
         return int(self._server.server_port)
 
     def close(self) -> None:

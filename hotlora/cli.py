@@ -221,6 +221,12 @@ def _cmd_bench_fairness(args: argparse.Namespace) -> int:
     return bench_fairness_main(args)
 
 
+def _cmd_bench_startup(args: argparse.Namespace) -> int:
+    from hotlora.benchmarks.startup import main as bench_startup_main
+
+    return bench_startup_main(args)
+
+
 def _cmd_bench_migration(args: argparse.Namespace) -> int:
     from hotlora.benchmarks.migration import main as bench_migration_main
 
@@ -250,6 +256,11 @@ BENCHES = (
         "gateway",
         "the Tinker gateway's per-call overhead over the direct Kafka client: a tiny call and an RL step",
         _cmd_bench_gateway,
+    ),
+    (
+        "startup",
+        "an engine process from spawn to serving, readiness seen, first answer; and kill -9 to serving again",
+        _cmd_bench_startup,
     ),
     (
         "migration",

@@ -104,10 +104,10 @@ def agent_command(cfg: GrpoConfig, address: str, model_dir: str, prefix: str) ->
 
 
 async def wait_for_engine(bootstrap: str, topic_prefix: str, timeout: float) -> None:
-    """Readiness is the engine's first heartbeat on the broker, not a sleep."""
-    from hotlora.agents.readiness import wait_for_heartbeat
+    """Readiness is the engine's announcement on the broker that it serves (``running``), not a sleep."""
+    from hotlora.agents import readiness
 
-    await wait_for_heartbeat(bootstrap, topic_prefix, timeout)
+    await readiness.wait_for_engine(bootstrap, topic_prefix, timeout)
 
 
 async def stream_agent(process: asyncio.subprocess.Process, exp: Experiment, progress: Progress, task: int) -> None:
@@ -177,7 +177,7 @@ async def run_demo(
             stdout=engine_log,
             stderr=asyncio.subprocess.STDOUT,
         )  # fmt: skip
-        with progress_console().status("waiting for the engine's first heartbeat"):
+        with progress_console().status("waiting for the engine to serve"):
             await wait_for_engine(address, prefix, ENGINE_READY_TIMEOUT_S)
         columns = (
             TextColumn("{task.description}"),

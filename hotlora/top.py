@@ -58,8 +58,9 @@ class AdapterRow:
 class TopState:
     """What the metrics topic said, newest first per source.
 
-    Heartbeats and status events carry no key, so they spread over partitions and arrive out of order:
-    every comparison is by ``sent_at_ms``, never by arrival.
+    Engines key heartbeats and status events by engine id, but several engines' events (and those of
+    engines older than that) interleave across partitions: every comparison is by ``sent_at_ms``, never by
+    arrival.
     """
 
     heartbeats: dict[str, Heartbeat] = field(default_factory=dict)  # engine_id -> newest

@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file
 
 from hotlora.agents import HotLoraClient
-from hotlora.agents.readiness import wait_for_heartbeat
+from hotlora.agents.readiness import wait_for_engine
 from hotlora.engine.kafka.broker import EmbeddedBroker
 from hotlora.engine.types import AdamParams, Datum, LoraSpec
 
@@ -63,7 +63,7 @@ async def start_engine(
         env=env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
     )  # fmt: skip
     try:
-        await wait_for_heartbeat(broker.bootstrap, prefix, timeout=120, engine_id=engine_id)
+        await wait_for_engine(broker.bootstrap, prefix, timeout=120, engine_id=engine_id)
     except BaseException:
         process.kill()
         await process.wait()

@@ -19,7 +19,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from hotlora.agents import HotLoraClient
-from hotlora.agents.readiness import wait_for_heartbeat
+from hotlora.agents.readiness import wait_for_engine
 from hotlora.engine.checkpoint import directory_sha256
 from hotlora.engine.kafka.broker import EmbeddedBroker
 
@@ -63,7 +63,7 @@ def test_engine_and_two_agent_processes(
         engine = await spawn(env, "engine")
         agents: list[asyncio.subprocess.Process] = []
         try:
-            await wait_for_heartbeat(broker.bootstrap, topic_prefix, timeout=120)
+            await wait_for_engine(broker.bootstrap, topic_prefix, timeout=120)
             for i, adapter_id in enumerate(AGENTS):
                 agent_env = {**env, "HOTLORA_ADAPTER": adapter_id}
                 agents.append(await spawn(agent_env, "agent", "--seed", str(i), stdout=asyncio.subprocess.PIPE))

@@ -1,10 +1,12 @@
 """``Heartbeats``: what an engine tells the fleet on the metrics topic, and nothing else.
 
 ``engine_status`` goes out when the engine's state or its adapters change (starting, running, draining,
-stopped; a create, delete or load). A ``heartbeat`` goes out every ``heartbeat_interval`` seconds with
-liveness, capacity (resident slots), load and what this engine owns, which ``hotlora status`` and
-``hotlora top`` fold into the fleet's view. Both carry the base model's name, vocabulary size, context
-length and EOS ids (``ModelFacts``), so a client in any language can check its tokens before sending.
+stopped; a create, delete or load); ``running`` the moment the engine took its first partitions. A
+``heartbeat`` goes out every ``heartbeat_interval`` seconds with liveness, capacity (resident slots),
+load and what this engine owns, which ``hotlora status`` and ``hotlora top`` fold into the fleet's view.
+Both are keyed by the engine id, so each engine's announcements stay in order on one partition, and both
+carry the base model's name, vocabulary size, context length and EOS ids (``ModelFacts``), so a client
+in any language can check its tokens before sending.
 """
 
 from __future__ import annotations
@@ -63,6 +65,9 @@ class Heartbeats:
         self.facts = ModelFacts.of(base, model_name)
         self.checkpoint_dir = checkpoint_dir
         self.metrics = metrics
+        # Keyed by the engine: one partition holds all of an engine's announcements, in the order sent,
+        # so a reader that keeps the latest never sees ``starting`` after ``running``.
+        self._key = engine_id.encode()
 
     def _model_fields(self) -> dict[str, Any]:
         facts = self.facts
@@ -87,7 +92,7 @@ class Heartbeats:
             checkpoint_dir=self.checkpoint_dir,
             **self._model_fields(),
         )
-        await self.outbox.send(self.outbox.topics.metrics, status)
+        await self.outbox.send(self.outbox.topics.metrics, status, self._key)
 
     async def beat(
         self, state: str, queued_requests: int, partitions: set[int], consumer: AIOKafkaConsumer | None
@@ -116,7 +121,7 @@ class Heartbeats:
             **self._model_fields(),
         )
         try:
-            await self.outbox.send(self.outbox.topics.metrics, heartbeat)
+            await self.outbox.send(self.outbox.topics.metrics, heartbeat, self._key)
         except KafkaError as err:
             log.warning("heartbeat_failed", error=str(err))
 

@@ -49,8 +49,9 @@ class Outbox:
         self.topics = topics
         self.max_message_bytes = max_message_bytes
 
-    async def send(self, topic: str, message: wire.Message) -> None:
-        await self.producer.send_and_wait(topic, encode(message), key=key_for(message))
+    async def send(self, topic: str, message: wire.Message, key: bytes | None = None) -> None:
+        """``key`` defaults to the message's own (its adapter id, or none)."""
+        await self.producer.send_and_wait(topic, encode(message), key=key if key is not None else key_for(message))
 
     async def reply(self, reply: wire.ResultMessage) -> None:
         """Send to the request's ``reply_to``; a failure is logged, never raised (the retry is answered)."""

@@ -35,6 +35,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 import re
 import signal
 import sys
@@ -46,7 +47,7 @@ import msgspec
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
-from aiokafka.errors import KafkaError
+from aiokafka.errors import InvalidSessionTimeoutError, KafkaError
 
 from hotlora.engine.core import Engine, EngineConfig
 from hotlora.engine.event_loop import run
@@ -160,6 +161,7 @@ class EngineService:
         self._tasks = Tasks()
         self._background: list[asyncio.Task[Any]] = []
         self._commit_wake = asyncio.Event()
+        self._loaded = asyncio.Event()  # the engine exists (``_start``): rebalances may use it
         self._commit_lock = asyncio.Lock()
         self._broker: EmbeddedBroker | None = None
         self._consumer: AIOKafkaConsumer | None = None
@@ -197,19 +199,49 @@ class EngineService:
             await self._close()
 
     async def _start(self) -> None:
+        """Probe first, then everything that only waits on the network (topics, producer, the consumer's
+        group join) while the model loads on a thread: on Tansu a join takes at least a second, and the
+        engine is ready when the slower of the two is done. ``_adopt`` waits for the model."""
+        if self.metrics is not None and self.config.metrics_port is not None:
+            self.metrics_port = self.metrics.start_http_server(self.config.metrics_port, state=lambda: self.state)
+            log.info("metrics_serving", port=self.metrics_port)
         if self.bootstrap is None:
             self._broker = await asyncio.to_thread(EmbeddedBroker().start)
             self.bootstrap = self._broker.bootstrap
             log.info("embedded_broker_started", bootstrap=self.bootstrap)
-        if self.engine is None:
-            self.engine = await asyncio.to_thread(self._load_engine)
+        loading = None if self.engine is not None else asyncio.create_task(asyncio.to_thread(self._load_engine))
+        try:
+            await self._connect()
+        finally:
+            if loading is not None:  # never left running on a failed connect: its exception is raised here
+                self.engine = await loading
+        assert self.engine is not None and self.outbox is not None
         await self.engine.start()
-        if self.metrics is not None and self.config.metrics_port is not None:
-            self.metrics_port = self.metrics.start_http_server(self.config.metrics_port)
-            log.info("metrics_serving", port=self.metrics_port)
         if self.durability is None:
             log.warning("durability_off", consequence="an adapter that moves to another engine starts empty there")
+        self.heartbeats = Heartbeats(
+            self.outbox,
+            self.engine,
+            self.config.engine_id,
+            self.model,
+            self.metrics,
+            model_name=self.config.model_name,
+            checkpoint_dir=str(self.checkpoint_dir),
+        )
+        self.handover = Handover(
+            self.engine, self.durability, self._sequencer, self.owners, self.metrics, self.config.rebalance_timeout_ms
+        )
+        await self.heartbeats.status(self.state)  # "starting", before ``_adopt`` may announce "running"
+        self._loaded.set()
+        self._background = [
+            asyncio.create_task(self._heartbeat_loop(), name="hotlora-heartbeats"),
+            asyncio.create_task(self._committer(), name="hotlora-committer"),
+        ]
+
+    async def _connect(self) -> None:
+        """Topics, the producer, and the consumer, whose ``start`` joins the group (on Tansu: at least 1 s)."""
         config = self.config
+        assert self.bootstrap is not None
         created = await ensure_topics(
             self.bootstrap, self.topics, config.partitions, config.replication_factor, security=self._security
         )
@@ -223,19 +255,6 @@ class EngineService:
         )
         await self._producer.start()
         self.outbox = Outbox(self._producer, self.topics, config.max_message_bytes)
-        self.heartbeats = Heartbeats(
-            self.outbox,
-            self.engine,
-            config.engine_id,
-            self.model,
-            self.metrics,
-            model_name=config.model_name,
-            checkpoint_dir=str(self.checkpoint_dir),
-        )
-        self.handover = Handover(
-            self.engine, self.durability, self._sequencer, self.owners, self.metrics, config.rebalance_timeout_ms
-        )
-        await self.heartbeats.status(self.state)
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=self.bootstrap,
             **self._security,
@@ -254,11 +273,19 @@ class EngineService:
             partition_assignment_strategy=(self.assignor,),
         )
         self._consumer.subscribe(list(self.topics.requests()), listener=_Rebalance(self))
-        await self._consumer.start()
-        self._background = [
-            asyncio.create_task(self._heartbeat_loop(), name="hotlora-heartbeats"),
-            asyncio.create_task(self._committer(), name="hotlora-committer"),
-        ]
+        try:
+            await self._consumer.start()  # returns once the group is joined; the assignment's callback may wait
+        except InvalidSessionTimeoutError:
+            raise self._session_refused() from None
+        log.info("group_joined", group=config.consumer_group, session_timeout_ms=config.session_timeout_ms)
+
+    def _session_refused(self) -> InvalidSessionTimeoutError:
+        """The broker's refusal of our session timeout, with what to do about it."""
+        return InvalidSessionTimeoutError(
+            f"the broker refuses session_timeout_ms={self.config.session_timeout_ms} (Apache Kafka's "
+            "group.min.session.timeout.ms is 6000 unless lowered): lower the broker's minimum or pass "
+            "--session-timeout-ms 6000 (HOTLORA_SESSION_TIMEOUT_MS)"
+        )
 
     def _load_engine(self) -> Engine:
         if self.config.device == CLAIM:  # before CUDA starts: it narrows CUDA_VISIBLE_DEVICES to the claimed GPU
@@ -270,13 +297,15 @@ class EngineService:
         log.info(
             "loading_model", model=self.model, dtype=settings.dtype, device=settings.device, sampler=settings.sampler
         )
-        return Engine.from_pretrained(
+        engine = Engine.from_pretrained(
             self.model,
             dtype=settings.dtype,
             device="cuda" if settings.device == CLAIM else settings.device,
             config=engine_config(settings),
             metrics=self.metrics,
         )
+        log.info("model_loaded", model=self.model)  # on the loading thread: the moment it is done
+        return engine
 
     async def _shutdown(self) -> None:
         """The one shutdown path: wait for every task and the follow-ups they start, checkpoint, commit."""
@@ -328,12 +357,12 @@ class EngineService:
     # ----- 1. consume -----
 
     async def _consume_until_stopped(self) -> None:
-        assert self._consumer is not None and self.heartbeats is not None
-        self.state = "running"
-        await self.heartbeats.status(self.state)
-        log.info("engine_running", engine_id=self.config.engine_id, group=self.config.consumer_group)
+        assert self._consumer is not None
         while not self._stop.is_set():
-            batch = await self._consumer.getmany(timeout_ms=FETCH_TIMEOUT_MS)
+            try:
+                batch = await self._consumer.getmany(timeout_ms=FETCH_TIMEOUT_MS)
+            except InvalidSessionTimeoutError:  # a later rejoin, against a broker whose minimum changed
+                raise self._session_refused() from None
             for partition, records in batch.items():
                 for record in records:
                     self._on_record(partition, record)
@@ -624,7 +653,8 @@ class EngineService:
         Requests held for a missing predecessor are dropped: their records are uncommitted, so whoever
         owns them next reads them again. Agents see this as latency: their requests wait, none fails.
         """
-        assert self.handover is not None
+        if self.handover is None:  # the join's first, empty revoke can come before the model has loaded
+            return
         started = time.perf_counter()
         self._serving.clear()
         self._early.clear()
@@ -646,6 +676,7 @@ class EngineService:
     async def _adopt(self, assigned: set[TopicPartition]) -> None:
         """After the group's assignment: take over the partitions (``Handover.adopt``), then serve the
         records that came meanwhile."""
+        await self._loaded.wait()  # the group may form before the model has loaded
         assert self.handover is not None and self._consumer is not None
         if self.fenced:
             return
@@ -667,6 +698,11 @@ class EngineService:
             gained=sorted(numbers - before),
             adopt_s=round(time.perf_counter() - started, 4),
         )
+        if self.state == "starting":  # the first assignment: serving from now on, and everyone is told at once
+            self.state = "running"
+            log.info("engine_running", engine_id=self.config.engine_id, group=self.config.consumer_group)
+            assert self.heartbeats is not None
+            self._tasks.spawn(self.heartbeats.status(self.state))
         self._tasks.spawn(self._heartbeat())
 
 
@@ -737,6 +773,8 @@ def configure_logging(level: str = "info") -> None:
 
 async def serve(config: ServiceConfig) -> int:
     """Run until SIGTERM or SIGINT, then shut down gracefully; 0 on a clean stop."""
+    # The first log line: everything before it is the interpreter's start and the imports.
+    log.info("engine_starting", engine_id=config.engine_id, pid=os.getpid())
     service = EngineService(config)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

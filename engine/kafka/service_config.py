@@ -64,9 +64,12 @@ class ServiceConfig:
     ssl_cafile: str | None = None
     ssl_certfile: str | None = None
     ssl_keyfile: str | None = None
-    # Apache Kafka's brokers refuse sessions under 6 s by default; tests against Tansu use 2000 / 300.
-    session_timeout_ms: int = 10_000
-    heartbeat_interval_ms: int = 1_000
+    # Short, for a fast start and a fast failover: Tansu holds a consumer group's JoinGroup for half the
+    # session timeout (1 s at least), and a dead engine's adapters move only once its session expires.
+    # Apache Kafka refuses sessions under group.min.session.timeout.ms (6000 unless lowered; compose.yaml
+    # lowers it): against such a broker pass 6000 or more, and the engine says so if it is refused.
+    session_timeout_ms: int = 2_000
+    heartbeat_interval_ms: int = 500
     # How long a rebalance waits for every engine to finish, snapshot and release its adapters. An
     # engine that cannot within it stops serving (docs/scale-out.md), so no adapter has two engines.
     rebalance_timeout_ms: int = 60_000
@@ -141,8 +144,9 @@ _FLAGS: dict[str, str] = {
     "ssl_cafile": "CA bundle that verifies the brokers' TLS certificates (default: the system's CAs)",
     "ssl_certfile": "client certificate (PEM) for mutual TLS",
     "ssl_keyfile": "client private key (PEM) for mutual TLS",
-    "session_timeout_ms": "consumer group session timeout (default 10000)",
-    "heartbeat_interval_ms": "consumer group heartbeat interval (default 1000)",
+    "session_timeout_ms": "consumer group session timeout; Apache Kafka accepts 6000 and up unless its "
+    "group.min.session.timeout.ms is lowered (default 2000)",
+    "heartbeat_interval_ms": "consumer group heartbeat interval (default 500)",
     "rebalance_timeout_ms": "how long a rebalance waits for an engine to release its adapters (default 60000)",
     "fetch_max_wait_ms": "longest wait of an empty fetch, the floor of a request's hop (default 10)",
     "seq_gap_timeout": "seconds a request waits for a missing predecessor seq (default 30)",

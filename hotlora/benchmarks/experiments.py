@@ -259,8 +259,8 @@ async def run_together(bench: Bench, prefix: str, configs: Sequence[GrpoConfig],
 
 @contextlib.asynccontextmanager
 async def engine_process(bench: Bench, prefix: str) -> AsyncIterator[None]:
-    """An engine subprocess on ``prefix``, ready once it heartbeats; always terminated and reaped."""
-    from hotlora.agents.readiness import wait_for_heartbeat
+    """An engine subprocess on ``prefix``, ready once it announces ``running``; always terminated and reaped."""
+    from hotlora.agents.readiness import wait_for_engine
     from hotlora.demo import hotlora_command, reap, terminate
 
     args = ["--bootstrap", bench.address, "--model", bench.model, "--topic-prefix", prefix]
@@ -272,7 +272,7 @@ async def engine_process(bench: Bench, prefix: str) -> AsyncIterator[None]:
         engine = await asyncio.create_subprocess_exec(
             *hotlora_command("engine", *args), stdout=log, stderr=log, env=env
         )
-        ready = asyncio.create_task(wait_for_heartbeat(bench.address, prefix, ENGINE_READY_TIMEOUT_S))
+        ready = asyncio.create_task(wait_for_engine(bench.address, prefix, ENGINE_READY_TIMEOUT_S))
         exited = asyncio.create_task(engine.wait())
         try:
             await asyncio.wait({ready, exited}, return_when=asyncio.FIRST_COMPLETED)

@@ -91,7 +91,7 @@ class Http:
 
 async def measure(bootstrap: str | None, model: str, n: int, warmup: int, console: Console) -> dict[str, Any]:
     from hotlora.agents import HotLoraClient
-    from hotlora.agents.readiness import wait_for_heartbeat
+    from hotlora.agents.readiness import wait_for_engine
     from hotlora.demo import reap, terminate
     from hotlora.engine.kafka.broker import EmbeddedBroker, free_port
     from hotlora.engine.types import AdamParams, Datum, SamplingParams
@@ -114,7 +114,7 @@ async def measure(bootstrap: str | None, model: str, n: int, warmup: int, consol
     drain: asyncio.Task[None] | None = None
     try:
         with console.status("waiting for the engine and the gateway"):
-            await wait_for_heartbeat(address, prefix, timeout=180)
+            await wait_for_engine(address, prefix, timeout=180)
             assert gateway.stdout is not None
             async with asyncio.timeout(180):
                 while b"Tinker API at" not in await gateway.stdout.readline():

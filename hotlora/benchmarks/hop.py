@@ -51,7 +51,7 @@ async def time_calls(call: Any, n: int, warmup: int) -> list[float]:
 
 async def measure(bootstrap: str | None, model: str, n: int, warmup: int, console: Console) -> dict[str, Any]:
     from hotlora.agents import HotLoraClient
-    from hotlora.agents.readiness import wait_for_heartbeat
+    from hotlora.agents.readiness import wait_for_engine
     from hotlora.demo import reap, terminate
     from hotlora.engine.core import Engine
     from hotlora.engine.kafka.broker import EmbeddedBroker
@@ -66,8 +66,8 @@ async def measure(bootstrap: str | None, model: str, n: int, warmup: int, consol
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
     )  # fmt: skip
     try:
-        with console.status("waiting for the engine's heartbeat"):
-            await wait_for_heartbeat(address, prefix, timeout=180)
+        with console.status("waiting for the engine to serve"):
+            await wait_for_engine(address, prefix, timeout=180)
         async with HotLoraClient(address, topic_prefix=prefix, request_timeout=30) as client:
             with console.status(f"{n} requests through Kafka"):
                 hop = await time_calls(client.list_adapters, n, warmup)

@@ -178,7 +178,7 @@ async def tenant(
 
 async def measure(cfg: SoakConfig, bootstrap: str | None, model: str, console: Console) -> dict[str, Any]:
     from hotlora.agents import HotLoraClient
-    from hotlora.agents.readiness import wait_for_heartbeat
+    from hotlora.agents.readiness import wait_for_engine
     from hotlora.demo import reap, terminate
     from hotlora.engine.kafka.broker import EmbeddedBroker
 
@@ -195,8 +195,8 @@ async def measure(cfg: SoakConfig, bootstrap: str | None, model: str, console: C
             "--log-level", "warning",
             stdout=asyncio.subprocess.DEVNULL, stderr=(workdir / "engine.log").open("wb"),
         )  # fmt: skip
-        with console.status("waiting for the engine's heartbeat"):
-            await wait_for_heartbeat(address, prefix, timeout=180)
+        with console.status("waiting for the engine to serve"):
+            await wait_for_engine(address, prefix, timeout=180)
         vocab = int(json.loads((Path(model) / "config.json").read_text())["vocab_size"])
         clients = [
             HotLoraClient(address, topic_prefix=prefix, request_timeout=cfg.request_timeout, retries=1)
