@@ -58,10 +58,14 @@ async def agent(client: HotLoraClient, index: int, progress: list[int]) -> tuple
 async def start_engine(
     env: dict[str, str], engine_id: str, broker: EmbeddedBroker, prefix: str
 ) -> asyncio.subprocess.Process:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "hotlora.cli", "engine", "--engine-id", engine_id,
-        env=env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-    )  # fmt: skip
+    """An engine process; its log goes to ``<checkpoint dir>/../<engine id>.log`` for a failure's post-mortem."""
+    log_path = Path(env["HOTLORA_CHECKPOINT_DIR"]).parent / f"{engine_id}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("ab") as log_file:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "hotlora.cli", "engine", "--engine-id", engine_id,
+            env=env, stdout=log_file, stderr=log_file,
+        )  # fmt: skip
     try:
         await wait_for_engine(broker.bootstrap, prefix, timeout=120, engine_id=engine_id)
     except BaseException:

@@ -53,3 +53,20 @@ def test_replies_kept_per_adapter_are_bounded() -> None:
         ledger.answered("a", seq, f"r{seq}", mutating=True, reply=b"x")
     kept = ledger.replies("a")
     assert len(kept) <= 2 * MAX_REPLIES and f"r{3 * MAX_REPLIES - 1}" in kept and "r1" not in kept
+
+
+def test_a_snapshot_keeps_no_reply_of_a_later_request() -> None:
+    """The chaos test's lost step: a snapshot captured at seq 13 was written after seq 14-16 were answered
+    and stored their replies; an engine restarted from it answered 14-16 from those replies although the
+    state lacked their effect, so the agent's next optim_step returned a version it had already seen."""
+    ledger: DurableLedger[str] = DurableLedger()
+    ledger.adopt("a", 11, {})
+    for seq in (12, 13, 14, 15):
+        ledger.released("a", seq, mutating=True)
+        ledger.answered("a", seq, f"r{seq}", mutating=True, reply=f"reply {seq}".encode())
+    assert sorted(s for s, _ in ledger.replies("a", upto=13).values()) == [12, 13]
+    assert len(ledger.replies("a")) == 4
+    restarted: DurableLedger[str] = DurableLedger()
+    restarted.adopt("a", 13, ledger.replies("a"))  # a snapshot written before the rule kept all four
+    assert restarted.stored_reply("a", "r13") == b"reply 13"
+    assert restarted.stored_reply("a", "r14") is None and restarted.stored_reply("a", "r15") is None

@@ -243,7 +243,7 @@ class Durability:
             except TimeoutError:  # a reply that never went out: keep the state; that request answers `duplicate`
                 log.error("snapshot_reply_wait_timeout", adapter_id=adapter_id, seq=seq)
                 break
-        replies = self.ledger.replies(adapter_id)
+        replies = self.ledger.replies(adapter_id, upto=seq)  # requests answered after the capture are not in it
         try:
             await asyncio.to_thread(self.store.commit, adapter_id, seq, version, path, replies)
         except OSError as err:  # a delete of the adapter raced this snapshot and removed its directory

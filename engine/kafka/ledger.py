@@ -138,7 +138,8 @@ class DurableLedger(Generic[R]):
     def adopt(self, adapter_id: str, seq: int, replies: dict[str, tuple[int, bytes]]) -> None:
         """The adapter was loaded from its snapshot at ``seq`` (a restart, or a rebalance gave it here)."""
         entry = self._get(adapter_id)
-        entry.durable, entry.replies = seq, dict(replies)
+        # Replies above ``seq`` (kept by a snapshot written before this rule) describe effects the state lacks.
+        entry.durable, entry.replies = seq, {rid: kept for rid, kept in replies.items() if kept[0] <= seq}
 
     def forget(self, adapter_id: str) -> list[R]:
         """The adapter is deleted or moved away; its answered requests' records may commit now."""
@@ -151,9 +152,14 @@ class DurableLedger(Generic[R]):
         for entry in self._adapters.values():
             entry.waiting = [(s, mutating, empty) for s, mutating, _ in entry.waiting]
 
-    def replies(self, adapter_id: str) -> dict[str, tuple[int, bytes]]:
+    def replies(self, adapter_id: str, upto: int | None = None) -> dict[str, tuple[int, bytes]]:
+        """The kept replies, only those of requests up to ``upto`` when given: a snapshot at ``seq`` must
+        store no reply of a later request, or after a restart from it that request would be answered
+        from its stored reply while its effect is missing from the state (a lost step)."""
         entry = self._adapters.get(adapter_id)
-        return {} if entry is None else dict(entry.replies)
+        if entry is None:
+            return {}
+        return {rid: (s, reply) for rid, (s, reply) in entry.replies.items() if upto is None or s <= upto}
 
     def adapters(self) -> Iterable[str]:
         return list(self._adapters)
