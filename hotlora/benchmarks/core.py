@@ -15,9 +15,11 @@ after a warm-up, and every figure is a median. ``run_core`` takes any ``ModelRun
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime as dt
 import json
+import logging
 import os
 import platform
 import re
@@ -25,11 +27,12 @@ import shlex
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import structlog
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
@@ -54,6 +57,22 @@ def repo_root() -> Path:
     """The source checkout this module runs from, else the working directory."""
     root = Path(__file__).resolve().parents[2]
     return root if (root / "pyproject.toml").is_file() else Path.cwd()
+
+
+@contextlib.contextmanager
+def logs_off_stdout(json_output: bool) -> Iterator[None]:
+    """With ``--json``, stdout carries the one JSON object: the in-process clients' log lines go to
+    stderr, warnings only, for the duration; the logging setup is restored after."""
+    saved = structlog.get_config()
+    if json_output:
+        structlog.configure(
+            wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
+            logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        )
+    try:
+        yield
+    finally:
+        structlog.configure(**saved)
 
 
 def append_section(section: str, intro: str = "", path: Path | None = None) -> Path:

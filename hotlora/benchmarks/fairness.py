@@ -27,7 +27,6 @@ import contextlib
 import dataclasses
 import datetime as dt
 import json
-import logging
 import os
 import random
 import secrets
@@ -41,11 +40,10 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-import structlog
 import torch
 from rich.console import Console
 
-from hotlora.benchmarks.core import append_section, git_commit, machine_info
+from hotlora.benchmarks.core import append_section, git_commit, logs_off_stdout, machine_info
 from hotlora.benchmarks.soak import MIB, rss_bytes
 
 DOCS_INTRO = """## `hotlora bench fairness`
@@ -378,16 +376,8 @@ def main(args: argparse.Namespace) -> int:
         "machine": machine_info(torch.device("cpu")),
         "model": model,
     }
-    saved = structlog.get_config()
-    if args.json:  # stdout carries the one JSON object: the clients' log lines go to stderr, warnings only
-        structlog.configure(
-            wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
-            logger_factory=structlog.PrintLoggerFactory(sys.stderr),
-        )
-    try:
+    with logs_off_stdout(args.json):
         result.update(run(measure(cfg, args.bootstrap, model, console)))
-    finally:
-        structlog.configure(**saved)
     f = result["flooder"]
     console.print(
         f"victim median step: solo {result['solo']['median_s']:.3f} s, flood {result['flood']['median_s']:.3f} s "

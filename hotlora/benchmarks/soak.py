@@ -18,7 +18,6 @@ import asyncio
 import dataclasses
 import datetime as dt
 import json
-import logging
 import os
 import random
 import shlex
@@ -29,12 +28,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import structlog
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from hotlora.benchmarks.core import append_section, git_commit, machine_info
+from hotlora.benchmarks.core import append_section, git_commit, logs_off_stdout, machine_info
 from hotlora.progress import progress_bar
 
 DOCS_INTRO = """## `hotlora bench soak`
@@ -364,16 +362,8 @@ def main(args: argparse.Namespace) -> int:
         "machine": machine_info(torch.device("cpu")),
         "model": model,
     }
-    saved = structlog.get_config()
-    if args.json:  # stdout carries the one JSON object: the clients' log lines go to stderr, warnings only
-        structlog.configure(
-            wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
-            logger_factory=structlog.PrintLoggerFactory(sys.stderr),
-        )
-    try:
+    with logs_off_stdout(args.json):
         result.update(run(measure(cfg, args.bootstrap, model, console)))
-    finally:
-        structlog.configure(**saved)
     console.print(
         f"engine RSS {result['rss_start_mib']:,.1f} -> {result['rss_end_mib']:,.1f} MiB "
         f"({result['rss_growth_mib']:+.1f} MiB, {result['rss_growth_pct']:+.2f}%), slope "
