@@ -120,6 +120,11 @@ def test_replay_of_two_agent_run_is_bitwise_identical(
 ) -> None:
     contents = read_contents(read_file(recorded_run.path)[1])
     per_agent = 1 + STEPS * 4 + 1  # create, (2 samples, forward_backward, optim_step) per step, save_state
+    requests, results = contents.requests, contents.results
+    unanswered = {i: type(m).__name__ for i, (_, m) in requests.items() if i not in results}
+    unrecorded = {i: (type(m).__name__, r.topic, r.offset) for i, (r, m) in results.items() if i not in requests}
+    partitions = read_header(recorded_run.path).meta["partitions"]
+    assert not unanswered and not unrecorded, (unanswered, unrecorded, partitions)
     assert len(contents.requests) == len(contents.results) == 2 * per_agent
     assert contents.model() == str(recorded_run.model)
     out = tmp_path / "run.replay.hlr"

@@ -101,21 +101,34 @@ async def log_end_offsets(
     Why not just ``end_offsets``: Tansu 0.6 answers ListOffsets(latest) with the last record *batch*'s
     base offset + 1, so when the newest batch holds several records (two pipelined requests sent
     together) it reports an end short of the log and a recorder stopping there silently drops them.
-    A fetch response's high watermark is right on Tansu and on Kafka, so this fetches once from just
-    below the listed end and takes the larger of the two.
+    So this reads the log from just below the listed end up to the fetch's high watermark, and the end
+    is the largest of the listed end, the high watermark and the last record read + 1: right whether or
+    not the broker's high watermark is. A partition it cannot read up to its end within ``timeout`` is an
+    error, never a silently short answer.
     """
     if not partitions:
         return {}
     probe = group_less_consumer(bootstrap, fetch_max_wait_ms=10)
     await probe.start()
     try:
-        listed = await probe.end_offsets(list(partitions))
+        ends = dict(await probe.end_offsets(list(partitions)))
         probe.assign(list(partitions))
         for tp in partitions:
-            probe.seek(tp, max(listed[tp] - 1, 0))
+            probe.seek(tp, max(ends[tp] - 1, 0))
+        pending = set(partitions)
         deadline = asyncio.get_running_loop().time() + timeout
-        while any(probe.highwater(tp) is None for tp in partitions) and asyncio.get_running_loop().time() < deadline:
-            await probe.getmany(timeout_ms=50)
-        return {tp: max(listed[tp], probe.highwater(tp) or 0) for tp in partitions}
+        while pending:
+            if asyncio.get_running_loop().time() >= deadline:
+                raise TimeoutError(f"could not read the log end of {sorted(map(str, pending))} within {timeout:.0f} s")
+            for tp, records in (await probe.getmany(timeout_ms=50)).items():
+                if records:
+                    ends[tp] = max(ends[tp], records[-1].offset + 1)
+            for tp in list(pending):
+                highwater = probe.highwater(tp)
+                if highwater is not None:
+                    ends[tp] = max(ends[tp], highwater)
+                    if await probe.position(tp) >= ends[tp]:
+                        pending.discard(tp)
+        return ends
     finally:
         await probe.stop()
