@@ -13,7 +13,6 @@ safetensors and JSON only: nothing is pickled, so a checkpoint from an untrusted
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -209,14 +208,3 @@ def load_checkpoint(path: str | Path) -> LoadedAdapter:
                 except KeyError as err:
                     raise CheckpointError(f"{path}: optimizer state lacks {err.args[0]}") from None
     return loaded
-
-
-def directory_sha256(path: str | Path) -> str:
-    """One digest over every file's name and bytes, so a reader can verify a whole checkpoint."""
-    digest = hashlib.sha256()
-    root = Path(path)
-    for file in sorted(p for p in root.rglob("*") if p.is_file()):
-        digest.update(str(file.relative_to(root)).encode())
-        digest.update(b"\0")
-        digest.update(file.read_bytes())
-    return digest.hexdigest()

@@ -6,8 +6,9 @@ them, and the Kafka edge (``engine.kafka.convert``) maps the wire messages onto 
 The constructors validate what a tenant could get wrong (``InvalidRequest``), so a bad request fails
 before it reaches the scheduler.
 
-Light on purpose: torch (for ``Datum``'s tensors) and the wire errors only, never the model code or
-transformers, so an agent imports the vocabulary without the engine.
+Light on purpose: the wire errors only, never the model code or transformers, so an agent imports the
+vocabulary without the engine; torch (``Datum``'s tensors) is imported where a tensor is made, so the
+Kafka edge imports before torch does and an engine joins its group while torch imports.
 """
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
-
-import torch
+from typing import TYPE_CHECKING, Literal
 
 from hotlora.schemas.errors import InvalidRequest
 from hotlora.schemas.messages import new_request_id
+
+if TYPE_CHECKING:
+    import torch
 
 LossName = Literal["cross_entropy", "importance_sampling", "ppo", "cispo", "gspo", "dro"]
 LOSS_NAMES: tuple[str, ...] = ("cross_entropy", "importance_sampling", "ppo", "cispo", "gspo", "dro")
@@ -167,6 +169,8 @@ class SamplingParams:
 
 
 def _as_tensor(values: Sequence[float] | torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    import torch
+
     if isinstance(values, torch.Tensor):
         return values.detach().to(dtype=dtype, device="cpu").reshape(-1)
     return torch.tensor(list(values), dtype=dtype)
@@ -205,6 +209,8 @@ class Datum:
         clip_high_threshold: Sequence[float] | torch.Tensor | None = None,
         sequence_ratio_mask: Sequence[float] | torch.Tensor | None = None,
     ) -> Datum:
+        import torch
+
         inputs = _as_tensor(input_tokens, torch.long)
         targets = _as_tensor(target_tokens, torch.long)
         n = inputs.numel()
@@ -238,6 +244,8 @@ class Datum:
         return int(self.input_tokens.numel())
 
     def validate(self) -> None:
+        import torch
+
         n = len(self)
         if n == 0:
             raise InvalidRequest("a datum needs at least one input token")

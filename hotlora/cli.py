@@ -275,7 +275,24 @@ BENCHES = (
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def benches_named(argv: Sequence[str] | None) -> set[str]:
+    """The benchmarks whose options the parser needs: the one a command line names (all without one).
+
+    Each bench module imports torch and transformers (seconds), which no other command needs: ``hotlora
+    engine`` joins its consumer group while they import on its loading thread, and ``hotlora status``
+    should answer in a blink."""
+    names = [name for name, _, _ in BENCHES]
+    if argv is None:
+        return set(names)
+    args = list(argv)
+    if "bench" not in args:
+        return set()
+    named = [arg for arg in args[args.index("bench") + 1 :] if arg in names]
+    return set(named[:1])
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The whole command line; with ``argv``, only the benchmark it names gets its options."""
     parser = argparse.ArgumentParser(prog="hotlora", description="An always-hot engine for multi-LoRA RL.")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -411,15 +428,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="benchmarks (results go to docs/benchmarks.md)")
     bench_commands = bench.add_subparsers(dest="bench_command", required=True)
+    needed = benches_named(argv)
     for name, text, command in BENCHES:
         sub = bench_commands.add_parser(name, help=text)
-        importlib.import_module(f"hotlora.benchmarks.{name}").add_arguments(sub)
+        if name in needed:
+            importlib.import_module(f"hotlora.benchmarks.{name}").add_arguments(sub)
         sub.set_defaults(func=command)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(argv).parse_args(argv)
     return int(args.func(args))
 
 

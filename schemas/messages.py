@@ -272,7 +272,7 @@ class Event(Message, kw_only=True, frozen=True):
 class CheckpointEvent(Event, tag="checkpoint", kw_only=True, frozen=True):
     """A checkpoint the engine wrote: ``step`` is the adapter version, ``sha256`` the directory digest.
 
-    The digest is ``engine.checkpoint.directory_sha256``, so a reader can verify the whole directory.
+    The digest is ``engine.digest.directory_sha256``, so a reader can verify the whole directory.
     """
 
     path: str

@@ -11,7 +11,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from hotlora.engine.checkpoint import directory_sha256
+from hotlora.engine.digest import directory_sha256
 from hotlora.engine.runner import ModelRunner, RunnerConfig
 from hotlora.engine.types import AdamParams, Datum, LoraSpec
 from hotlora.schemas.errors import CheckpointError

@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM
 
 from hotlora.agents import HotLoraClient
 from hotlora.agents.readiness import wait_for_engine
-from hotlora.engine.checkpoint import directory_sha256
+from hotlora.engine.digest import directory_sha256
 from hotlora.engine.kafka.broker import EmbeddedBroker
 
 STEPS = 12

@@ -21,7 +21,7 @@ import pytest
 from aiokafka import TopicPartition
 
 from hotlora import cli
-from hotlora.engine.checkpoint import directory_sha256
+from hotlora.engine.digest import directory_sha256
 from hotlora.engine.kafka.admin import list_topics
 from hotlora.engine.kafka.broker import EmbeddedBroker
 from hotlora.engine.kafka.durability import DurableStore

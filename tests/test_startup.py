@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -29,6 +30,7 @@ from prometheus_client import CollectorRegistry, Counter, make_wsgi_app
 from hotlora.agents.readiness import wait_for_engine
 from hotlora.engine.kafka.admin import create_topics, list_topics
 from hotlora.engine.kafka.broker import EmbeddedBroker
+from hotlora.engine.kafka.service import EngineService
 from hotlora.engine.kafka.service_config import ServiceConfig
 from hotlora.engine.probe import probe_app
 from hotlora.schemas import EngineStatus, Topics, encode
@@ -48,6 +50,22 @@ def call(app: Any, path: str) -> tuple[str, bytes]:
     environ = {"PATH_INFO": path, "REQUEST_METHOD": "GET", "QUERY_STRING": "", "wsgi.url_scheme": "http"}
     body = b"".join(app(environ, start_response))
     return got["status"], body
+
+
+def test_the_kafka_edge_imports_without_torch_so_the_group_join_overlaps_it() -> None:
+    """``hotlora engine`` joins its consumer group while torch and transformers import on the loading
+    thread; that only works while the edge itself (and what ``hotlora engine`` imports before it) does not
+    pull them in. A fresh interpreter, since this one has torch already."""
+    code = (
+        "import sys\n"
+        "import hotlora.cli, hotlora.engine.kafka.service, hotlora.engine.kafka.service_config\n"
+        "hotlora.cli.build_parser(['engine']).parse_args(['engine'])\n"
+        "heavy = sorted(m for m in ('torch', 'transformers', 'peft', 'safetensors') if m in sys.modules)\n"
+        "print(','.join(heavy))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "", f"the edge imported {done.stdout.strip()}"
 
 
 def test_ready_is_200_only_while_running_and_live_always() -> None:
@@ -226,12 +244,53 @@ def test_bench_startup_one_spawn_reports_every_phase_and_recovers(tmp_path: Path
     result = json.loads(out)
     startup = result["startup_s"]
     assert list(startup) == [
-        "imports_done", "model_loaded", "group_joined", "engine_running", "readiness_seen", "first_answer",
+        "edge_imported", "group_joined", "imports_done", "model_loaded", "engine_running", "readiness_seen",
+        "first_answer",
     ]  # fmt: skip
-    assert 0 < startup["imports_done"] <= startup["model_loaded"] <= startup["engine_running"]
-    assert startup["imports_done"] <= startup["group_joined"] <= startup["engine_running"] <= startup["readiness_seen"]
+    assert 0 < startup["edge_imported"] <= startup["imports_done"] <= startup["model_loaded"]
+    assert startup["model_loaded"] <= startup["engine_running"]
+    assert startup["edge_imported"] <= startup["group_joined"] <= startup["engine_running"] <= startup["readiness_seen"]
     assert startup["first_answer"] >= startup["group_joined"]
     recovery = result["recovery_s"]
     assert 0 <= recovery["restarted"] < recovery["engine_running"] < recovery["first_answer"]
     assert result["spawns"] == 1 and len(result["runs"]) == 1
     assert set(result["verdicts"]) == {"engine_running", "readiness_after_running", "recovery_first_answer"}
+
+
+def test_an_engine_loading_past_the_session_timeout_keeps_its_share_and_never_doubles_an_owner(
+    broker: EmbeddedBroker, topic_prefix: str, tiny_model_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two engines start together on an empty group, so both join while their models load; one load
+    outlasts the session timeout. The slow engine must keep its membership (its assignment callback
+    returns at once and it adopts once loaded), so when it serves, the two own disjoint partitions.
+    (Waiting in the callback stalled its heartbeats: the group evicted it and gave everything to the
+    other engine while it still adopted its old share, and two engines served one adapter.)"""
+    base = service_config_for_tests(broker.bootstrap, topic_prefix, tiny_model_path, tmp_path / "ckpt")
+    configs = {name: dataclasses.replace(base, engine_id=name) for name in ("fast", "slow")}
+    session_s = base.session_timeout_ms / 1000
+    load_engine = EngineService._load_engine
+
+    def load(service: EngineService) -> Any:
+        if service.config.engine_id == "slow":
+            time.sleep(3 * session_s)  # on the loading thread, as a slow import or a big model would
+        return load_engine(service)
+
+    monkeypatch.setattr(EngineService, "_load_engine", load)
+
+    async def main() -> None:
+        services = {name: EngineService(config) for name, config in configs.items()}
+        runs = [asyncio.create_task(service.run()) for service in services.values()]
+        try:
+            for service in services.values():
+                await asyncio.wait_for(service.ready.wait(), 90)
+            fast, slow = services["fast"], services["slow"]
+            assert fast.handover is not None and slow.handover is not None
+            owned = fast.handover.owned or set(), slow.handover.owned or set()
+            assert not owned[0] & owned[1], f"both engines own {owned[0] & owned[1]}"
+            assert owned[0] | owned[1] == set(range(base.partitions)) and all(owned), owned
+        finally:
+            for service in services.values():
+                service.request_stop()
+            await asyncio.wait_for(asyncio.gather(*runs, return_exceptions=True), 90)
+
+    asyncio.run(asyncio.wait_for(main(), 240))

@@ -7,12 +7,13 @@ Used by the engine at start and by ``hotlora topics``. ``security`` is the aioka
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError, for_code
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError, for_code
 
 from hotlora.engine.kafka.security import kafka_kwargs
 from hotlora.schemas.topics import Topics
@@ -75,6 +76,25 @@ async def list_topics(
     finally:
         await admin.close()
     return sorted(n for n in names if prefix is None or n.startswith(f"{prefix}."))
+
+
+async def group_members(
+    bootstrap: str, group: str, *, security: Mapping[str, Any] | None = None, timeout: float = 5.0
+) -> int | None:
+    """How many members the consumer group has now (a dead one counts until its session expires), or
+    None when the broker would not say."""
+    admin = _admin(bootstrap, security)
+    try:
+        async with asyncio.timeout(timeout):
+            await admin.start()
+            (described,) = await admin.describe_consumer_groups([group])
+    except (KafkaError, OSError, TimeoutError, ValueError):
+        return None
+    finally:
+        with contextlib.suppress(Exception):  # a client that never connected has nothing to close
+            await admin.close()
+    error_code, members = described.groups[0][0], described.groups[0][5]  # v0-v5: error, id, state, ..., members
+    return None if error_code else len(members)
 
 
 def group_less_consumer(bootstrap: str, fetch_max_wait_ms: int = 50) -> AIOKafkaConsumer:

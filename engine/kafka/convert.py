@@ -4,13 +4,14 @@ It lives in the Kafka edge, the one layer that knows both sides: ``hotlora.schem
 engine and of torch, and the engine core never sees a wire message. Semantic validation happens in the
 engine's own constructors (``LoraSpec``, ``SamplingParams``, ``Datum.create``...), which raise
 ``InvalidRequest``; this module only reshapes.
+
+No torch at import time (it is imported where a tensor is made): the edge imports before torch, so an
+engine joins its consumer group while torch is still importing (``engine.kafka.service``).
 """
 
 from __future__ import annotations
 
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from hotlora.engine import types as eng
 from hotlora.engine.types import AdamParams, ForwardBackwardOutput, LoraSpec, OptimStepOutput, SamplingParams
@@ -20,6 +21,9 @@ from hotlora.engine.types import SampledSequence as EngineSampledSequence
 from hotlora.schemas import messages as wire
 from hotlora.schemas.arrays import pack_f32, pack_i32, unpack_f32, unpack_i32
 from hotlora.schemas.errors import ERROR_CODES, HotLoraError, InternalError, InvalidRequest
+
+if TYPE_CHECKING:
+    import torch
 
 # ----- requests -----
 
@@ -205,12 +209,16 @@ def _flat(tensor: torch.Tensor) -> list[Any]:
 
 def _ints(data: bytes) -> torch.Tensor:
     """A packed int32 array as an int64 tensor (what torch token tensors use)."""
+    import torch
+
     values = unpack_i32(data)
     return torch.frombuffer(values, dtype=torch.int32).to(torch.int64) if values else torch.zeros(0, dtype=torch.int64)
 
 
 def _floats(data: bytes) -> torch.Tensor:
     """A packed float32 array as a float32 tensor of its own (not a view of the message's bytes)."""
+    import torch
+
     values = unpack_f32(data)
     return torch.frombuffer(values, dtype=torch.float32).clone() if values else torch.zeros(0)
 

@@ -33,17 +33,18 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 
-from hotlora.engine.checkpoint import save_checkpoint
-from hotlora.engine.core import Engine
 from hotlora.engine.kafka.ledger import MAX_REPLIES, DurableLedger
 from hotlora.engine.types import SaveState
 from hotlora.schemas import messages as wire
 from hotlora.schemas.codec import decode
 from hotlora.schemas.errors import HotLoraError
+
+if TYPE_CHECKING:  # the edge imports before torch does (engine.kafka.service)
+    from hotlora.engine.core import Engine
 
 log = structlog.get_logger("hotlora.service")
 
@@ -225,6 +226,8 @@ class Durability:
         async with self.lock(adapter_id):
             if seq <= self.ledger.durable_seq(adapter_id):
                 return []
+            from hotlora.engine.checkpoint import save_checkpoint  # torch: loaded by now (an optim_step ran)
+
             try:
                 await asyncio.to_thread(save_checkpoint, path, adapter_id, state, base)
             except OSError as err:

@@ -12,19 +12,21 @@ in any language can check its tokens before sending.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import KafkaError
 
-from hotlora.engine.base_model import BaseModel
-from hotlora.engine.core import Engine
 from hotlora.engine.kafka.convert import from_engine
 from hotlora.engine.kafka.replies import Outbox
 from hotlora.engine.observability import EngineMetrics
 from hotlora.engine.types import ListAdapters
 from hotlora.schemas import messages as wire
+
+if TYPE_CHECKING:  # the edge imports before torch does (engine.kafka.service)
+    from hotlora.engine.base_model import BaseModel
+    from hotlora.engine.core import Engine
 
 log = structlog.get_logger("hotlora.service")
 

@@ -21,7 +21,7 @@ import asyncio
 import json
 import time
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from aiokafka.cluster import ClusterMetadata
@@ -29,7 +29,6 @@ from aiokafka.coordinator.assignors.abstract import AbstractPartitionAssignor
 from aiokafka.coordinator.protocol import ConsumerProtocolMemberAssignment, ConsumerProtocolMemberMetadata
 from aiokafka.partitioner import murmur2
 
-from hotlora.engine.core import Engine
 from hotlora.engine.kafka.durability import Durability, DurableAdapter, Records
 from hotlora.engine.kafka.ownership import OwnershipGate
 from hotlora.engine.kafka.sequencing import Sequencer
@@ -37,6 +36,9 @@ from hotlora.engine.kafka.tasks import Tasks
 from hotlora.engine.observability import EngineMetrics
 from hotlora.engine.types import DeleteAdapter, ListAdapters, LoadState
 from hotlora.schemas.errors import HotLoraError
+
+if TYPE_CHECKING:  # the edge imports before torch does (engine.kafka.service)
+    from hotlora.engine.core import Engine
 
 log = structlog.get_logger("hotlora.placement")
 

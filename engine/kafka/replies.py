@@ -17,7 +17,7 @@ import structlog
 from aiokafka import AIOKafkaProducer, ConsumerRecord
 from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 
-from hotlora.engine.checkpoint import directory_sha256
+from hotlora.engine.digest import directory_sha256
 from hotlora.schemas import messages as wire
 from hotlora.schemas.codec import encode, is_topic_name
 from hotlora.schemas.errors import SchemaError

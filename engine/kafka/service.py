@@ -41,7 +41,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import structlog
@@ -49,9 +49,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPa
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import InvalidSessionTimeoutError, KafkaError
 
-from hotlora.engine.core import Engine, EngineConfig
 from hotlora.engine.event_loop import run
-from hotlora.engine.kafka.admin import ensure_topics
+from hotlora.engine.kafka.admin import ensure_topics, group_members
 from hotlora.engine.kafka.broker import EmbeddedBroker
 from hotlora.engine.kafka.convert import from_engine, to_engine
 from hotlora.engine.kafka.device_claim import CLAIM, DeviceClaim, claim_visible_gpu
@@ -65,13 +64,14 @@ from hotlora.engine.kafka.sequencing import OffsetTracker, ResultCache, Sequence
 from hotlora.engine.kafka.service_config import ServiceConfig
 from hotlora.engine.kafka.tasks import Tasks
 from hotlora.engine.observability import EngineMetrics
-from hotlora.engine.runner import RunnerConfig
 from hotlora.engine.types import ListAdapters, OptimStep, OptimStepOutput, SaveState
-from hotlora.engine.vllm_sampler import VllmSettings
 from hotlora.schemas import messages as wire
 from hotlora.schemas.codec import decode, encode, is_topic_name, reject
 from hotlora.schemas.errors import Forbidden, HotLoraError, InvalidRequest, QuotaExceeded, SchemaError
 from hotlora.schemas.topics import Topics
+
+if TYPE_CHECKING:  # imported on the loading thread (``_load_engine``): the group join overlaps it
+    from hotlora.engine.core import Engine, EngineConfig
 
 log = structlog.get_logger("hotlora.service")
 
@@ -162,6 +162,10 @@ class EngineService:
         self._background: list[asyncio.Task[Any]] = []
         self._commit_wake = asyncio.Event()
         self._loaded = asyncio.Event()  # the engine exists (``_start``): rebalances may use it
+        # The group's assignment while the model still loads, adopted by ``_start`` once it has (``_adopt``).
+        self._assigned_while_loading: set[TopicPartition] | None = None
+        # A rebalance's revoke and an adoption that ``_start`` runs outside the group's callbacks never interleave.
+        self._handover_lock = asyncio.Lock()
         self._commit_lock = asyncio.Lock()
         self._broker: EmbeddedBroker | None = None
         self._consumer: AIOKafkaConsumer | None = None
@@ -199,9 +203,12 @@ class EngineService:
             await self._close()
 
     async def _start(self) -> None:
-        """Probe first, then everything that only waits on the network (topics, producer, the consumer's
-        group join) while the model loads on a thread: on Tansu a join takes at least a second, and the
-        engine is ready when the slower of the two is done. ``_adopt`` waits for the model."""
+        """Probe first, then everything that only waits on the network while torch and transformers
+        import and the model loads, on a thread (seconds): the topics, the producer and, when the group
+        has no member (a first start, or every engine restarting), the group join (on Tansu at least a
+        second); the engine is ready when the slower of the two is done. An engine joining a group that
+        has members joins once it can serve: the others keep serving meanwhile, and the adapters moved to
+        it pause for the join and their snapshot loads only, not for its imports too."""
         if self.metrics is not None and self.config.metrics_port is not None:
             self.metrics_port = self.metrics.start_http_server(self.config.metrics_port, state=lambda: self.state)
             log.info("metrics_serving", port=self.metrics_port)
@@ -212,6 +219,12 @@ class EngineService:
         loading = None if self.engine is not None else asyncio.create_task(asyncio.to_thread(self._load_engine))
         try:
             await self._connect()
+            members = await group_members(self.bootstrap, self.config.consumer_group, security=self._security)
+            join_now = members == 0 or loading is None
+            if join_now:
+                await self._join()
+            else:
+                log.info("join_after_load", group=self.config.consumer_group, members=members)
         finally:
             if loading is not None:  # never left running on a failed connect: its exception is raised here
                 self.engine = await loading
@@ -233,13 +246,18 @@ class EngineService:
         )
         await self.heartbeats.status(self.state)  # "starting", before ``_adopt`` may announce "running"
         self._loaded.set()
+        if not join_now:
+            await self._join()
+        assigned, self._assigned_while_loading = self._assigned_while_loading, None
+        if assigned is not None:  # the group formed while the model loaded: take that (latest) assignment now
+            await self._adopt(assigned)
         self._background = [
             asyncio.create_task(self._heartbeat_loop(), name="hotlora-heartbeats"),
             asyncio.create_task(self._committer(), name="hotlora-committer"),
         ]
 
     async def _connect(self) -> None:
-        """Topics, the producer, and the consumer, whose ``start`` joins the group (on Tansu: at least 1 s)."""
+        """Topics, the producer, and the consumer (``_join`` joins its group)."""
         config = self.config
         assert self.bootstrap is not None
         created = await ensure_topics(
@@ -272,9 +290,14 @@ class EngineService:
             fetch_max_wait_ms=config.fetch_max_wait_ms,
             partition_assignment_strategy=(self.assignor,),
         )
+
+    async def _join(self) -> None:
+        """Join the group (on Tansu: at least 1 s); the assignment's callback runs ``_adopt``."""
+        assert self._consumer is not None
+        config = self.config
         self._consumer.subscribe(list(self.topics.requests()), listener=_Rebalance(self))
         try:
-            await self._consumer.start()  # returns once the group is joined; the assignment's callback may wait
+            await self._consumer.start()  # returns once the group is joined and the assignment taken (or noted)
         except InvalidSessionTimeoutError:
             raise self._session_refused() from None
         log.info("group_joined", group=config.consumer_group, session_timeout_ms=config.session_timeout_ms)
@@ -294,6 +317,8 @@ class EngineService:
         if not self.model:  # ``hotlora engine`` fills in its default (the cached tiny model) before this
             raise ValueError("ServiceConfig.model names no base model directory")
         settings = self.config
+        from hotlora.engine.core import Engine  # torch and transformers: seconds, while the group joins
+
         log.info(
             "loading_model", model=self.model, dtype=settings.dtype, device=settings.device, sampler=settings.sampler
         )
@@ -653,8 +678,14 @@ class EngineService:
         Requests held for a missing predecessor are dropped: their records are uncommitted, so whoever
         owns them next reads them again. Agents see this as latency: their requests wait, none fails.
         """
-        if self.handover is None:  # the join's first, empty revoke can come before the model has loaded
+        if not self._loaded.is_set():  # nothing adopted yet: forget the assignment that is being taken back
+            self._assigned_while_loading = None
             return
+        async with self._handover_lock:
+            await self._quiesce_loaded(revoked)
+
+    async def _quiesce_loaded(self, revoked: set[TopicPartition]) -> None:
+        assert self.handover is not None
         started = time.perf_counter()
         self._serving.clear()
         self._early.clear()
@@ -675,8 +706,21 @@ class EngineService:
 
     async def _adopt(self, assigned: set[TopicPartition]) -> None:
         """After the group's assignment: take over the partitions (``Handover.adopt``), then serve the
-        records that came meanwhile."""
-        await self._loaded.wait()  # the group may form before the model has loaded
+        records that came meanwhile.
+
+        The group usually forms before the model has loaded (the join overlaps torch's import). Then the
+        assignment is only noted and ``_start`` adopts it once the model is loaded: waiting here instead
+        would stall the consumer's heartbeats past the session timeout, the group would hand the
+        partitions to another engine, and this one would still adopt them: two engines serving one adapter.
+        """
+        if not self._loaded.is_set():
+            self._assigned_while_loading = set(assigned)
+            log.info("assigned_while_loading", partitions=sorted({tp.partition for tp in assigned}))
+            return
+        async with self._handover_lock:
+            await self._adopt_loaded(assigned)
+
+    async def _adopt_loaded(self, assigned: set[TopicPartition]) -> None:
         assert self.handover is not None and self._consumer is not None
         if self.fenced:
             return
@@ -731,6 +775,10 @@ def quota_limits(settings: ServiceConfig) -> QuotaLimits:
 
 def engine_config(settings: ServiceConfig) -> EngineConfig:
     """The engine's own settings, out of the service's."""
+    from hotlora.engine.core import EngineConfig
+    from hotlora.engine.runner import RunnerConfig
+    from hotlora.engine.vllm_sampler import VllmSettings
+
     return EngineConfig(
         max_decode_rows=settings.max_decode_rows,
         max_resident_rows=settings.max_resident_rows or None,

@@ -2,10 +2,11 @@
 
 Each spawn, on one embedded broker and a fresh topic prefix whose topics already exist (as in a
 deployment after its first start, ``hotlora topics create``): the clock starts when ``hotlora engine``
-is spawned. Read from the engine's own JSON log (wall-clock timestamps, same machine): *imports done*
-(``engine_starting``, its first line), *model loaded* (``model_loaded``), *group joined*
-(``group_joined``; it overlaps the model load, so either may come first) and ``engine_running`` (its
-first assignment taken). Seen by this process: *readiness seen* (``wait_for_engine``, started at the
+is spawned. Read from the engine's own JSON log (wall-clock timestamps, same machine): *edge imported*
+(``engine_starting``, its first line: the Kafka edge, without torch), *group joined* (``group_joined``),
+*imports done* (``loading_model``: torch and transformers, imported on the loading thread while the group
+joins, so either may come first), *model loaded* (``model_loaded``) and ``engine_running`` (its first
+assignment taken). Seen by this process: *readiness seen* (``wait_for_engine``, started at the
 spawn) and *first answer* (a ``create_adapter`` sent at the spawn, answered).
 
 Then the engine is SIGKILLed once that adapter's snapshot is durable and respawned at once with the same
@@ -35,18 +36,22 @@ from typing import Any
 DOCS_INTRO = """## `hotlora bench startup`
 
 An engine process (`hotlora engine`, tiny model, CPU, embedded broker, its topics already created)
-timed from its spawn: imports done (its first log line), model loaded, consumer group joined (the two
-overlap), `engine_running` (first assignment taken, its adapters loaded), readiness seen by
-`wait_for_engine` (started at the spawn), and the first answer to a `create_adapter` sent at the spawn.
+timed from its spawn: the Kafka edge imported (its first log line), consumer group joined, torch and
+transformers imported, model loaded (the join overlaps the imports and the load), `engine_running`
+(first assignment taken, its adapters loaded), readiness seen by `wait_for_engine` (started at the
+spawn), and the first answer to a `create_adapter` sent at the spawn.
 Then `kill -9` once that adapter's snapshot is durable, an immediate respawn, and the first answer to a
 `sample` of the adapter. Medians of `--spawns` spawns; times in seconds.
 """
 
-PHASES = ("imports_done", "model_loaded", "group_joined", "engine_running", "readiness_seen", "first_answer")
+PHASES = (
+    "edge_imported", "group_joined", "imports_done", "model_loaded", "engine_running", "readiness_seen", "first_answer",
+)  # fmt: skip
 LOG_EVENTS = {  # phase -> the engine's log event marking it (its first occurrence)
-    "imports_done": "engine_starting",
-    "model_loaded": "model_loaded",
+    "edge_imported": "engine_starting",
     "group_joined": "group_joined",
+    "imports_done": "loading_model",
+    "model_loaded": "model_loaded",
     "engine_running": "engine_running",
 }
 TARGETS = {"engine_running": 3.0, "readiness_after_running": 0.2, "recovery_first_answer": 5.0}
