@@ -52,13 +52,14 @@ def call(app: Any, path: str) -> tuple[str, bytes]:
     return got["status"], body
 
 
-def test_the_kafka_edge_imports_without_torch_so_the_group_join_overlaps_it() -> None:
+def test_the_kafka_edge_and_agents_import_without_torch_so_the_group_join_overlaps_it() -> None:
     """``hotlora engine`` joins its consumer group while torch and transformers import on the loading
     thread; that only works while the edge itself (and what ``hotlora engine`` imports before it) does not
-    pull them in. A fresh interpreter, since this one has torch already."""
+    pull them in. Agents embedded in a service get the same light import. A fresh interpreter, since this
+    one has torch already."""
     code = (
         "import sys\n"
-        "import hotlora.cli, hotlora.engine.kafka.service, hotlora.engine.kafka.service_config\n"
+        "import hotlora.agents, hotlora.cli, hotlora.engine.kafka.service, hotlora.engine.kafka.service_config\n"
         "hotlora.cli.build_parser(['engine']).parse_args(['engine'])\n"
         "heavy = sorted(m for m in ('torch', 'transformers', 'peft', 'safetensors') if m in sys.modules)\n"
         "print(','.join(heavy))\n"
