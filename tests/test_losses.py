@@ -160,8 +160,9 @@ def test_gspo_uses_the_sequence_ratio_with_each_tokens_gradient() -> None:
     )
     with pytest.raises(InvalidRequest, match="sequence_ratio_mask"):
         compute_loss("gspo", inputs(), {})
-    with pytest.raises(InvalidRequest, match="marks no token"):
-        compute_loss("gspo", inputs(ratio_mask=torch.zeros(1, 2)), {})
+    # A mask that marks nothing is refused before the step (ModelRunner.validate_call, tests/test_forward_only.py);
+    # the loss itself checks nothing on the device (no sync) and stays finite: the sequence ratio's value is 1.
+    assert math.isfinite(compute_loss("gspo", inputs(ratio_mask=torch.zeros(1, 2)), {}).item())
 
 
 def test_dro_is_the_advantage_weighted_logprob_minus_a_quadratic_penalty() -> None:
