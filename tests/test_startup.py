@@ -33,6 +33,7 @@ from hotlora.engine.kafka.broker import EmbeddedBroker
 from hotlora.engine.kafka.service import EngineService
 from hotlora.engine.kafka.service_config import ServiceConfig
 from hotlora.engine.probe import probe_app
+from hotlora.gateway.launch import engine_status
 from hotlora.schemas import EngineStatus, Topics, encode
 from tests.helpers import running_engine_service, service_config_for_tests
 
@@ -118,6 +119,8 @@ def test_waiting_for_an_engine_that_never_comes_times_out_and_creates_no_topic(
     async def main() -> list[str]:
         with pytest.raises(TimeoutError):
             await wait_for_engine(broker.bootstrap, topic_prefix, timeout=1.0)
+        with pytest.raises(TimeoutError):  # the gateway's wait for the engine's status, likewise
+            await engine_status(broker.bootstrap, topic_prefix, timeout=1.0)
         return await list_topics(broker.bootstrap, topic_prefix)
 
     assert asyncio.run(main()) == []

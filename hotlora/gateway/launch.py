@@ -65,11 +65,11 @@ async def engine_status(bootstrap: str, topic_prefix: str, timeout: float = ENGI
     from hotlora.schemas import EngineStatus, SchemaError, Topics, decode
 
     topic = Topics(topic_prefix).metrics
-    # Subscribed (without a group): the consumer learns the topic's partitions whenever it appears, and reads
-    # each from its start. (A consumer that assigns by hand must know the partitions, which aiokafka never
-    # learns for a topic created after it started.)
+    # Subscribed (without a group) once the topic exists: the consumer learns its partitions and reads each
+    # from its start. Not before: asking Tansu for a missing topic's metadata creates it, with the broker's
+    # default partition count rather than the engine's. (A consumer that assigns by hand must know the
+    # partitions, which aiokafka never learns for a topic created after it started.)
     consumer = AIOKafkaConsumer(
-        topic,
         bootstrap_servers=bootstrap,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
@@ -79,6 +79,9 @@ async def engine_status(bootstrap: str, topic_prefix: str, timeout: float = ENGI
     await consumer.start()
     try:
         async with asyncio.timeout(timeout):
+            while topic not in await consumer.topics():  # every topic's metadata: creates nothing
+                await asyncio.sleep(0.2)
+            consumer.subscribe([topic])
             latest: EngineStatus | None = None
             while latest is None or latest.state != "running":
                 for records in (await consumer.getmany(timeout_ms=200)).values():
