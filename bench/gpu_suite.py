@@ -83,11 +83,14 @@ def stages(args: argparse.Namespace, out: Path) -> list[Stage]:
     tests += ["-p", "no:cacheprovider"]
     tests += ["--junitxml", str(out / "cuda_tests.xml")]
     claim = [py, "bench/gpu_claim.py", "--out", str(out / "gpu_claim.json")]
+    # The budgets are the device session's. The rehearsal checks the script, not its speed, on a shared
+    # 2-core CPU whose speed varies several-fold (a CI run saw the profiles take 60 s, 25 s when idle).
+    slack = 2.0 if rehearsal else 1.0
     return [
-        Stage("cuda_tests", tests, 80, "cuda_tests.xml", tests_env),
-        Stage("gpu_claim", claim, 20, "gpu_claim.json"),
-        Stage("gpu_core", core, 85, "gpu_core.json"),
-        Stage("profiles", profiles, 60, "profiles.json"),
+        Stage("cuda_tests", tests, 80 * slack, "cuda_tests.xml", tests_env),
+        Stage("gpu_claim", claim, 20 * slack, "gpu_claim.json"),
+        Stage("gpu_core", core, 85 * slack, "gpu_core.json"),
+        Stage("profiles", profiles, 60 * slack, "profiles.json"),
         Stage("gpu_experiments", experiments, 0, "gpu_experiments.json"),  # 0: the rest of the budget
     ]
 
