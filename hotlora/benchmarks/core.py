@@ -405,6 +405,25 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     return info
 
 
+def typed_command(bench: str, fallback: str) -> str:
+    """The command as typed when ``hotlora bench <bench>`` runs from the shell, else ``fallback``
+    (called in-process, by a test or another bench)."""
+    argv = sys.argv[1:]
+    return shlex.join(["hotlora", *argv]) if bench in argv else fallback
+
+
+def result_header(bench: str, command: str, device: torch.device) -> dict[str, Any]:
+    """What every bench result starts with (and its docs section shows): the bench, the UTC time, the
+    command, the commit and the machine."""
+    return {
+        "bench": bench,
+        "timestamp": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": command,
+        "commit": git_commit(),
+        "machine": machine_info(device),
+    }
+
+
 def command_line(args: argparse.Namespace) -> str:
     """The command as typed when run from the shell; rebuilt from ``args`` when called in-process."""
     argv = list(sys.argv)
@@ -544,11 +563,7 @@ def finish(result: dict[str, Any], json_path: str | None, write_docs: bool, cons
 
 def provenance(runner: ModelRunner, model: str, command: str) -> dict[str, Any]:
     return {
-        "bench": "core",
-        "timestamp": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": command,
-        "commit": git_commit(),
-        "machine": machine_info(runner.device),
+        **result_header("core", command, runner.device),
         "model": model,
         "dtype": str(runner.base.dtype).removeprefix("torch."),
     }

@@ -25,12 +25,10 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
-import datetime as dt
 import json
 import os
 import random
 import secrets
-import shlex
 import socket
 import statistics
 import sys
@@ -43,7 +41,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from hotlora.benchmarks.core import append_section, git_commit, logs_off_stdout, machine_info
+from hotlora.benchmarks.core import append_section, logs_off_stdout, result_header, typed_command
 from hotlora.benchmarks.soak import MIB, rss_bytes
 
 DOCS_INTRO = """## `hotlora bench fairness`
@@ -131,7 +129,7 @@ async def rl_step(client: Any, adapter_id: str, cfg: FairnessConfig, rng: random
 
 async def measure(cfg: FairnessConfig, bootstrap: str | None, model: str, console: Console) -> dict[str, Any]:
     from hotlora.agents import HotLoraClient
-    from hotlora.agents.readiness import wait_for_heartbeat
+    from hotlora.agents.readiness import wait_for_engine
     from hotlora.demo import reap, terminate
     from hotlora.engine.kafka.broker import EmbeddedBroker
     from hotlora.engine.types import LoraSpec, SamplingParams
@@ -163,7 +161,7 @@ async def measure(cfg: FairnessConfig, bootstrap: str | None, model: str, consol
             stdout=asyncio.subprocess.DEVNULL, stderr=(workdir / "engine.log").open("wb"),
         )  # fmt: skip
         with console.status("waiting for the engine's heartbeat"):
-            await wait_for_heartbeat(address, prefix, timeout=180)
+            await wait_for_engine(address, prefix, timeout=180)
         victim = client("victim")
         flooder = client("flooder", in_flight=max(64, cfg.flood_requests))
         others = [client(f"tenant-{i}") for i in range(cfg.tenants)]
@@ -363,19 +361,11 @@ def main(args: argparse.Namespace) -> int:
     from hotlora.engine.event_loop import run
     from hotlora.models.tiny_model import TinyModelRecipe, ensure_tiny_model
 
-    argv = sys.argv[1:]
     cfg = config_from(args)
     console = Console(stderr=True)
     model = args.model or str(ensure_tiny_model(TinyModelRecipe()))
-    command = shlex.join(["hotlora", *argv]) if "fairness" in argv else "hotlora bench fairness"
-    result: dict[str, Any] = {
-        "bench": "fairness",
-        "timestamp": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": command,
-        "commit": git_commit(),
-        "machine": machine_info(torch.device("cpu")),
-        "model": model,
-    }
+    command = typed_command("fairness", "hotlora bench fairness")
+    result: dict[str, Any] = {**result_header("fairness", command, torch.device("cpu")), "model": model}
     with logs_off_stdout(args.json):
         result.update(run(measure(cfg, args.bootstrap, model, console)))
     f = result["flooder"]

@@ -25,7 +25,6 @@ import datetime as dt
 import itertools
 import json
 import os
-import shlex
 import signal
 import statistics
 import sys
@@ -423,7 +422,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     import torch
 
-    from hotlora.benchmarks.core import append_section, git_commit, machine_info
+    from hotlora.benchmarks.core import append_section, result_header, typed_command
     from hotlora.models.model_init import rl_base_model
 
     if not args.steps > 0 or args.agents < 1:
@@ -442,11 +441,7 @@ def main(args: argparse.Namespace) -> int:
         )
     rows = migration_pauses(run)
     result = {
-        "bench": "migration",
-        "timestamp": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": shlex.join(["hotlora", *sys.argv[1:]]) if "migration" in sys.argv else "hotlora bench migration",
-        "commit": git_commit(),
-        "machine": machine_info(torch.device("cpu")),
+        **result_header("migration", typed_command("migration", "hotlora bench migration"), torch.device("cpu")),
         "agents": settings.agents,
         "steps": settings.steps,
         "join_at": settings.join_at,

@@ -16,11 +16,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import datetime as dt
 import json
 import os
 import random
-import shlex
 import sys
 import tempfile
 import time
@@ -32,7 +30,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from hotlora.benchmarks.core import append_section, git_commit, logs_off_stdout, machine_info
+from hotlora.benchmarks.core import append_section, logs_off_stdout, result_header, typed_command
 from hotlora.progress import progress_bar
 
 DOCS_INTRO = """## `hotlora bench soak`
@@ -350,18 +348,8 @@ def main(args: argparse.Namespace) -> int:
     )  # fmt: skip
     console = Console(stderr=True)
     model = args.model or str(ensure_tiny_model(TinyModelRecipe()))
-    argv = sys.argv[1:]
-    command = shlex.join(["hotlora", *argv]) if "soak" in argv else f"hotlora bench soak --tenants {args.tenants} "
-    if "soak" not in argv:
-        command += f"--minutes {args.minutes:g}"
-    result: dict[str, Any] = {
-        "bench": "soak",
-        "timestamp": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": command,
-        "commit": git_commit(),
-        "machine": machine_info(torch.device("cpu")),
-        "model": model,
-    }
+    command = typed_command("soak", f"hotlora bench soak --tenants {args.tenants} --minutes {args.minutes:g}")
+    result: dict[str, Any] = {**result_header("soak", command, torch.device("cpu")), "model": model}
     with logs_off_stdout(args.json):
         result.update(run(measure(cfg, args.bootstrap, model, console)))
     console.print(

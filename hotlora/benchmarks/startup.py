@@ -22,7 +22,6 @@ import contextlib
 import datetime as dt
 import json
 import os
-import shlex
 import signal
 import statistics
 import sys
@@ -278,7 +277,7 @@ def main(args: argparse.Namespace) -> int:
     import torch
     from rich.console import Console
 
-    from hotlora.benchmarks.core import git_commit, machine_info
+    from hotlora.benchmarks.core import result_header, typed_command
     from hotlora.engine.kafka.broker import EmbeddedBroker
     from hotlora.engine.kafka.service_config import ServiceConfig
     from hotlora.models.tiny_model import TinyModelRecipe, ensure_tiny_model
@@ -292,11 +291,7 @@ def main(args: argparse.Namespace) -> int:
     with EmbeddedBroker() as broker:
         runs = asyncio.run(measure(broker.bootstrap, model, args.spawns, args.timeout, lambda s: console.log(s)))
     result: dict[str, Any] = {
-        "bench": "startup",
-        "timestamp": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": shlex.join(["hotlora", *sys.argv[1:]]) if "startup" in sys.argv else "hotlora bench startup",
-        "commit": git_commit(),
-        "machine": machine_info(torch.device("cpu")),
+        **result_header("startup", typed_command("startup", "hotlora bench startup"), torch.device("cpu")),
         "load_average": round(load, 2),
         "session_timeout_ms": ServiceConfig().session_timeout_ms,
         "spawns": args.spawns,
