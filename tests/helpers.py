@@ -66,6 +66,20 @@ def max_rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).abs().max().item() / max(scale, 1e-30)
 
 
+def engine_env(bootstrap: str, prefix: str, model: Path, checkpoint_dir: Path, **settings: object) -> dict[str, str]:
+    """The environment of a spawned ``hotlora engine`` (or agent): this one's, plus the broker, the model,
+    the topic prefix and the checkpoint directory, plus ``settings`` as ``HOTLORA_<NAME>`` variables
+    (``session_timeout_ms=2000`` -> ``HOTLORA_SESSION_TIMEOUT_MS=2000``)."""
+    return {
+        **os.environ,
+        "HOTLORA_BOOTSTRAP": bootstrap,
+        "HOTLORA_MODEL": str(model),
+        "HOTLORA_TOPIC_PREFIX": prefix,
+        "HOTLORA_CHECKPOINT_DIR": str(checkpoint_dir),
+        **{f"HOTLORA_{name.upper()}": str(value) for name, value in settings.items()},
+    }
+
+
 def service_config_for_tests(
     bootstrap: str, prefix: str, model: Path, checkpoint_dir: Path, **overrides: Any
 ) -> ServiceConfig:

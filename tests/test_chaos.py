@@ -16,7 +16,6 @@ printed; the bound (1e-5 relative to the largest weight) is far below one optimi
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import signal
 import sys
@@ -29,6 +28,7 @@ from hotlora.agents import HotLoraClient
 from hotlora.agents.readiness import wait_for_engine
 from hotlora.engine.kafka.broker import EmbeddedBroker
 from hotlora.engine.types import AdamParams, Datum, LoraSpec
+from tests.helpers import engine_env
 
 AGENTS = 4
 STEPS = 10
@@ -76,18 +76,10 @@ async def start_engine(
 
 
 async def run(broker: EmbeddedBroker, prefix: str, model: Path, tmp: Path, kills: int) -> dict[str, Path]:
-    env = {
-        **os.environ,
-        "HOTLORA_BOOTSTRAP": broker.bootstrap,
-        "HOTLORA_MODEL": str(model),
-        "HOTLORA_TOPIC_PREFIX": prefix,
-        "HOTLORA_CHECKPOINT_DIR": str(tmp / "checkpoints"),
-        "HOTLORA_DTYPE": "float32",
-        "HOTLORA_DEVICE": "cpu",
-        "HOTLORA_SESSION_TIMEOUT_MS": "2000",
-        "HOTLORA_HEARTBEAT_INTERVAL_MS": "300",
-        "HOTLORA_HEARTBEAT_INTERVAL": "0.5",
-    }
+    env = engine_env(
+        broker.bootstrap, prefix, model, tmp / "checkpoints",
+        dtype="float32", device="cpu", session_timeout_ms=2000, heartbeat_interval_ms=300, heartbeat_interval=0.5,
+    )  # fmt: skip
     rng = random.Random(7)
     moments = sorted(rng.sample(range(2, AGENTS * STEPS - 2), kills))
     progress = [0]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import sys
 from pathlib import Path
@@ -22,6 +21,7 @@ from hotlora.agents import HotLoraClient
 from hotlora.agents.readiness import wait_for_engine
 from hotlora.engine.digest import directory_sha256
 from hotlora.engine.kafka.broker import EmbeddedBroker
+from tests.helpers import engine_env
 
 STEPS = 12
 AGENTS = ("e2e-a", "e2e-b")
@@ -47,17 +47,10 @@ async def reap(process: asyncio.subprocess.Process, sig: int = signal.SIGTERM, t
 def test_engine_and_two_agent_processes(
     broker: EmbeddedBroker, topic_prefix: str, tiny_model_path: Path, tmp_path: Path
 ) -> None:
-    env = {
-        **os.environ,
-        "HOTLORA_BOOTSTRAP": broker.bootstrap,
-        "HOTLORA_MODEL": str(tiny_model_path),
-        "HOTLORA_TOPIC_PREFIX": topic_prefix,
-        "HOTLORA_CHECKPOINT_DIR": str(tmp_path / "checkpoints"),
-        "HOTLORA_SESSION_TIMEOUT_MS": "2000",
-        "HOTLORA_HEARTBEAT_INTERVAL_MS": "300",
-        "HOTLORA_HEARTBEAT_INTERVAL": "1",
-        "HOTLORA_STEPS": str(STEPS),
-    }
+    env = engine_env(
+        broker.bootstrap, topic_prefix, tiny_model_path, tmp_path / "checkpoints",
+        session_timeout_ms=2000, heartbeat_interval_ms=300, heartbeat_interval=1, steps=STEPS,
+    )  # fmt: skip
 
     async def main() -> None:
         engine = await spawn(env, "engine")

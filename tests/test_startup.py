@@ -13,7 +13,6 @@ import contextlib
 import dataclasses
 import datetime as dt
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -35,7 +34,7 @@ from hotlora.engine.kafka.service_config import ServiceConfig
 from hotlora.engine.probe import probe_app
 from hotlora.gateway.launch import engine_status
 from hotlora.schemas import EngineStatus, Topics, encode
-from tests.helpers import running_engine_service, service_config_for_tests
+from tests.helpers import engine_env, running_engine_service, service_config_for_tests
 
 READINESS_BOUND_S = 1.5  # after engine_running; measured ~0.01-0.05 s
 START_TIMEOUT_S = 120.0
@@ -177,16 +176,9 @@ def test_readiness_is_seen_right_after_engine_running(
 async def readiness_after_running(
     broker: EmbeddedBroker, topic_prefix: str, tiny_model_path: Path, tmp_path: Path
 ) -> None:
-    env = {
-        **os.environ,
-        "HOTLORA_BOOTSTRAP": broker.bootstrap,
-        "HOTLORA_MODEL": str(tiny_model_path),
-        "HOTLORA_TOPIC_PREFIX": topic_prefix,
-        "HOTLORA_CHECKPOINT_DIR": str(tmp_path),
-        "HOTLORA_DEVICE": "cpu",
-        "HOTLORA_DTYPE": "float32",
-        "HOTLORA_ENGINE_ID": "ready-test",
-    }
+    env = engine_env(
+        broker.bootstrap, topic_prefix, tiny_model_path, tmp_path, device="cpu", dtype="float32", engine_id="ready-test"
+    )
     ready = asyncio.create_task(wait_for_engine(broker.bootstrap, topic_prefix, START_TIMEOUT_S))
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "hotlora.cli", "engine", env=env,
