@@ -13,6 +13,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
+from hotlora.engine.kafka.quotas import QuotaLimits
+
 if TYPE_CHECKING:
     from hotlora.engine.kafka.security import KafkaSecurity
 
@@ -36,13 +38,13 @@ class ServiceConfig:
     metrics_port: int | None = None  # Prometheus /metrics (engine.observability); 0: a free port; None: off
     max_decode_rows: int = 256
     max_resident_rows: int = 0  # native sampler: rows admitted at once, running or paused; 0: 2 x max_decode_rows
-    # Per-principal quotas (engine.kafka.quotas); 0 switches one off.
-    quota_adapters: int = 64
-    quota_queued_per_adapter: int = 256
-    quota_queued: int = 1024
-    quota_queued_bytes: int = 256 << 20
-    quota_sample_rows: int = 4096
-    quota_forward_backward_tokens: int = 1 << 20
+    # Per-principal quotas (engine.kafka.quotas, whose defaults these are); 0 switches one off.
+    quota_adapters: int = QuotaLimits.adapters_per_principal
+    quota_queued_per_adapter: int = QuotaLimits.queued_per_adapter
+    quota_queued: int = QuotaLimits.queued_per_principal
+    quota_queued_bytes: int = QuotaLimits.queued_bytes_per_principal
+    quota_sample_rows: int = QuotaLimits.sample_rows_per_principal
+    quota_forward_backward_tokens: int = QuotaLimits.forward_backward_tokens
     resident_slots: int | None = None
     # CUDA without resident_slots: the share of device memory left free by the loaded model that
     # resident adapters may fill (engine.adapters.slots_for_memory); the rest is for activations.
