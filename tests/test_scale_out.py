@@ -3,8 +3,10 @@
 One scenario covers the issue's three cases in one fleet (to keep CI short). Engines ``a`` and ``b``
 (``hotlora engine`` processes, one shared checkpoint directory) serve 6 ``hotlora agent`` GRPO
 processes on the real broker. At step 2 ``b`` is SIGKILLed; at step 4 a third engine ``c`` joins (of
-12 steps: both happen while every experiment is still running). The checks (``hotlora.benchmarks.migration.verify``,
-the same the bench runs) read the agents' reported metrics, the engines' heartbeats and their JSON logs:
+14 steps: both happen while every experiment is still running, and ``c``, which joins once its imports
+and model load are done, 8 s on this loaded 2-core CPU, still has steps to serve). The checks
+(``hotlora.benchmarks.migration.verify``, the same the bench runs) read the agents' reported metrics, the
+engines' heartbeats and their JSON logs:
 
 - every experiment reported each of its steps exactly once, its version moved by one per trained step
   (a doubled ``optim_step`` would move it by two), and exactly one live engine holds its adapter;
@@ -158,7 +160,7 @@ def test_status_folds_each_engines_latest_heartbeat() -> None:
 def test_engines_join_and_die_mid_run_and_every_experiment_finishes_exactly(
     broker: EmbeddedBroker, topic_prefix: str, rl_base_path: Path, tmp_path: Path
 ) -> None:
-    settings = FleetSettings(agents=6, steps=12, kill_at=2, join_at=4, timeout_s=480.0)
+    settings = FleetSettings(agents=6, steps=14, kill_at=2, join_at=4, timeout_s=480.0)
     status: dict[str, Any] = {}
 
     async def ask_status(fleet: LocalFleet) -> None:
