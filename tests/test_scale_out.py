@@ -3,8 +3,9 @@
 One scenario covers the issue's three cases in one fleet (to keep CI short). Engines ``a`` and ``b``
 (``hotlora engine`` processes, one shared checkpoint directory) serve 6 ``hotlora agent`` GRPO
 processes on the real broker. At step 2 ``b`` is SIGKILLed; at step 4 a third engine ``c`` joins (of
-14 steps: both happen while every experiment is still running, and ``c``, which joins once its imports
-and model load are done, 8 s on this loaded 2-core CPU, still has steps to serve). The checks
+14 steps: both happen while every experiment is still running). ``c`` joins once its imports and model
+load are done, 8 s or more on this loaded 2-core CPU, which once outlasted the rest of the run; the
+scenario holds the agents (SIGSTOP) until ``c`` has loaded, so it always joins a running workload. The checks
 (``hotlora.benchmarks.migration.verify``, the same the bench runs) read the agents' reported metrics, the
 engines' heartbeats and their JSON logs:
 

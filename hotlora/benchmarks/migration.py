@@ -4,7 +4,9 @@ The scenario, as a user runs it: engine processes ``a`` and ``b`` share one chec
 one consumer group on a broker; N ``hotlora agent`` GRPO processes (one experiment each, adapters
 spread over the partitions) train; when every agent has reached step ``kill_at`` engine ``b`` is
 SIGKILLed, and at step ``join_at`` a third engine ``c`` joins (in step order, either may come first).
-The agents know none of this.
+The agents know none of this. While ``c`` imports torch and loads the model (seconds; 8 s or more on a
+loaded 2-core CPU, longer than the rest of a short run) the agents are held with SIGSTOP and go on
+once it is loaded, before it joins: so ``c`` always joins a running workload, on any machine.
 
 Measured per migrated adapter, from the engines' JSON logs: the *migration pause*, from the moment the
 adapter stopped being served (graceful: the old owner's revoke began; failure: the SIGKILL) to the
@@ -48,10 +50,11 @@ DOCS_INTRO = """## `hotlora bench migration`
 
 Engines `a` and `b` (processes, one consumer group, one shared checkpoint directory) serve N GRPO
 agent processes; mid-run `b` is SIGKILLed (failure), later a third engine `c` joins (graceful
-rebalance). The pause of a migrated adapter runs from the moment it stopped being served (the old
-owner's revoke began, or the SIGKILL) to the new owner's first result for it. A failure's pause
-includes the group session timeout (`--session-timeout-ms`), the time Kafka takes to declare the
-engine dead. The run is verified as in `tests/test_scale_out.py`.
+rebalance; the agents are held with SIGSTOP while `c` loads, so it joins a running workload). The
+pause of a migrated adapter runs from the moment it stopped being served (the old owner's revoke
+began, or the SIGKILL) to the new owner's first result for it. A failure's pause includes the group
+session timeout (`--session-timeout-ms`), the time Kafka takes to declare the engine dead. The run is
+verified as in `tests/test_scale_out.py`.
 """
 
 
@@ -113,6 +116,33 @@ class LocalFleet:
                 "--batch-size", "2", "--group-size", "4", "--max-tokens", "8", "--eval-every", "1000", "--seed", "3",
             )  # fmt: skip
 
+    @contextlib.asynccontextmanager
+    async def agents_held(self) -> AsyncIterator[None]:
+        """SIGSTOP every running agent, SIGCONT on exit (failures included): their Kafka clients use no
+        group, so a held agent loses nothing and picks up its results where it stopped."""
+        held = [p for p in self.agents.values() if p.returncode is None]
+        for process in held:
+            process.send_signal(signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            for process in held:
+                with contextlib.suppress(ProcessLookupError):
+                    process.send_signal(signal.SIGCONT)
+
+    async def join(self, name: str) -> None:
+        """Start an engine with the agents held until it has loaded the model (see the module docstring)."""
+        async with self.agents_held():
+            await self.start_engine(name)
+            await self.wait_for(f"engine {name} to load the model", lambda: self.logged(name, "model_loaded"))
+
+    async def logged(self, name: str, event: str) -> bool:
+        """Whether the engine's JSON log has this event (fails loudly if the engine exited)."""
+        process = self.engines[name]
+        if process.returncode is not None:
+            raise RuntimeError(f"engine {name} exited {process.returncode}:\n{self.log(name).read_text()[-3000:]}")
+        return any(line.get("event") == event for line in _json_lines(self.log(name)))
+
     async def kill(self, name: str) -> None:
         self.killed[name] = time.time()
         self.engines[name].send_signal(signal.SIGKILL)
@@ -170,13 +200,21 @@ class LocalFleet:
         """Every JSON log line of every engine, with ``engine`` (its name) and ``t`` (epoch seconds)."""
         lines = []
         for name in self.engines:
-            for text in self.log(name).read_text().splitlines():
-                if text.startswith("{"):
-                    with contextlib.suppress(ValueError, KeyError):
-                        line = json.loads(text)
-                        line.update(engine=name, t=_epoch(line["timestamp"]))
-                        lines.append(line)
+            for line in _json_lines(self.log(name)):
+                with contextlib.suppress(KeyError, ValueError):
+                    line.update(engine=name, t=_epoch(line["timestamp"]))
+                    lines.append(line)
         return sorted(lines, key=lambda x: x["t"])
+
+
+def _json_lines(path: Path) -> list[dict[str, Any]]:
+    """A process log's JSON lines (structlog's); other output, and a line still being written, skipped."""
+    lines = []
+    for text in path.read_text().splitlines():
+        if text.startswith("{"):
+            with contextlib.suppress(ValueError):
+                lines.append(json.loads(text))
+    return lines
 
 
 def _epoch(timestamp: str) -> float:
@@ -245,7 +283,7 @@ async def run_scenario(
             await fleet.wait_for_step(step)
             if what == "join":
                 say(f"step {step}: engine c joins")
-                await fleet.start_engine("c")
+                await fleet.join("c")
                 live.append("c")
             else:
                 say(f"step {step}: SIGKILL engine b")
