@@ -46,6 +46,7 @@ from hotlora.engine.scheduler import (
     WorkKind,
     validate_weight,
 )
+from hotlora.engine.split_calls import SplitCall, call_tokens
 from hotlora.engine.types import (
     AdapterInfo,
     CreateAdapter,
@@ -138,6 +139,8 @@ class Engine(Verbs):
         self.scheduler = Scheduler(policy)
         self._requests: dict[str, Request] = {}
         self._futures: dict[str, asyncio.Future[Any]] = {}
+        # A forward_backward over the training slice's budget runs as parts (engine.split_calls): part id -> call.
+        self._splits: dict[str, SplitCall] = {}
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hotlora-model")
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
@@ -190,6 +193,7 @@ class Engine(Verbs):
             if not future.done():
                 future.set_exception(EngineClosed(f"engine closed before request {request_id!r} ran"))
         self._futures.clear()
+        self._splits.clear()
         self._worker.shutdown(wait=True)
         if self.rollout is not None:
             self.rollout.close()
@@ -214,14 +218,33 @@ class Engine(Verbs):
         if request.request_id in self._futures:
             raise InvalidRequest(f"request_id {request.request_id!r} is already in flight")
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self.scheduler.submit(item)  # the last check that may refuse: nothing after it raises
+        split = None
+        if isinstance(request, ForwardBackward):
+            split = SplitCall.of(request, self.scheduler.policy.train_token_budget)
+        if split is None:
+            self.scheduler.submit(item)  # the last check that may refuse: nothing after it raises
+            self._requests[request.request_id] = request
+        else:
+            self._submit_parts(split)
         if isinstance(request, CreateAdapter):
             self.scheduler.set_weight(request.adapter_id, request.weight)
-        self._requests[request.request_id] = request
         self._futures[request.request_id] = future
         self._preempt.set()
         self._wake.set()
         return await future
+
+    def _submit_parts(self, split: SplitCall) -> None:
+        """Queue a split call's parts, in order; all or none (a part id already queued refuses the call)."""
+        taken = [part.request_id for part in split.parts if part.request_id in self._requests]
+        if taken:
+            raise InvalidRequest(f"request_id {taken[0]!r} (a part of {split.call.request_id!r}) is already in flight")
+        for part in split.parts:
+            item = WorkItem(
+                part.request_id, part.adapter_id, WorkKind.FORWARD_BACKWARD, call_tokens(part.datums), len(part.datums)
+            )
+            self.scheduler.submit(item)  # refuses only a queued id, checked above
+            self._requests[part.request_id] = part
+            self._splits[part.request_id] = split
 
     def _work_item(self, request: Request) -> WorkItem:
         rid = request.request_id
@@ -233,10 +256,8 @@ class Engine(Verbs):
             adapter = request.adapter_id or BASE_ADAPTER
             return WorkItem(rid, adapter, WorkKind.SAMPLE, tokens=max(cost, 1), rows=max(request.n, 1))
         if isinstance(request, ForwardBackward):
-            width = max(len(d) for d in request.datums)
-            return WorkItem(
-                rid, request.adapter_id, WorkKind.FORWARD_BACKWARD, width * len(request.datums), len(request.datums)
-            )
+            tokens = call_tokens(request.datums)
+            return WorkItem(rid, request.adapter_id, WorkKind.FORWARD_BACKWARD, tokens, len(request.datums))
         if isinstance(request, OptimStep):
             return WorkItem(rid, request.adapter_id, WorkKind.OPTIM_STEP, tokens=0)
         if isinstance(request, CreateAdapter):
@@ -352,6 +373,11 @@ class Engine(Verbs):
         for request_id, result in done:
             self.scheduler.complete(request_id)
             request = self._requests.pop(request_id, None)
+            split = self._splits.pop(request_id, None)
+            if split is not None:
+                if split.record(request_id, result):
+                    self._resolve(split.call.request_id, split.result())
+                continue
             if isinstance(request, DeleteAdapter) and self.scheduler.pending(request.adapter_id) == 0:
                 # Nothing of this adapter is queued (later requests, e.g. a re-create, keep their
                 # state and fail or succeed on their own); forget its scheduler state.
@@ -423,10 +449,36 @@ class Engine(Verbs):
         return next(info for info in self.runner.list_adapters() if info.adapter_id == adapter_id)
 
     def _run_train(self, step: TrainSlice, done: Done) -> None:
-        calls = [self._requests[item.request_id] for item in step.items]
+        whole = [item.request_id for item in step.items if item.request_id not in self._splits]
+        calls = [self._requests[request_id] for request_id in whole]
         assert all(isinstance(call, ForwardBackward) for call in calls)
-        outputs = self.runner.forward_backward_many(calls)  # type: ignore[arg-type]
-        done.extend(zip([item.request_id for item in step.items], outputs, strict=True))
+        if calls:
+            outputs = self.runner.forward_backward_many(calls)  # type: ignore[arg-type]
+            done.extend(zip(whole, outputs, strict=True))
+        for item in step.items:
+            if item.request_id in self._splits:
+                done.append((item.request_id, self._run_part(item.request_id)))
+
+    def _run_part(self, part_id: str) -> Any:
+        """One part of a split call (``engine.split_calls``): validate the whole call before the first,
+        set the gradient aside, add the sum after the last; skipped once an earlier part failed."""
+        split, part = self._splits[part_id], self._requests[part_id]
+        assert isinstance(part, ForwardBackward)
+        if split.error is not None:
+            return split.error
+        index = split.index(part_id)
+        try:
+            if index == 0:
+                self.runner.validate_call(split.call)
+            if part.forward_only:
+                return self.runner.forward_backward_many([part])[0]
+            output, split.aside = self.runner.forward_backward_aside(part, split.aside)
+            if index == len(split.parts) - 1:
+                self.runner.add_gradients(part.adapter_id, split.aside)
+                split.aside = None
+            return output
+        except HotLoraError as err:
+            return err
 
     def _run_decode(self, step: DecodeSlice, done: Done) -> None:
         """Admit, then decode; ``done`` fills as requests finish, so a later failure loses none of them.

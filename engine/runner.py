@@ -189,6 +189,43 @@ class ModelRunner:
         with self._step_gradients(dict.fromkeys(call.adapter_id for call in calls)):
             return self._run_calls(calls)
 
+    def forward_backward_aside(
+        self, call: ForwardBackward, aside: list[torch.Tensor | None] | None
+    ) -> tuple[ForwardBackwardOutput, list[torch.Tensor | None]]:
+        """Run one validated call without touching the adapter's gradients: return its output and
+        ``aside`` plus the call's gradient, one tensor (or None) per adapter parameter.
+
+        For the parts of a split call (``engine.split_calls``): their sum reaches the adapter at once,
+        with ``add_gradients``, so a part that fails leaves the adapter exactly as it was.
+        """
+        params = list(self.adapters.get(call.adapter_id).parameters())
+        earlier = [p.grad for p in params]
+        for p in params:
+            p.grad = None
+        try:
+            (output,) = self._run_calls([call])
+            mine = [p.grad for p in params]
+        finally:
+            for p, grad in zip(params, earlier, strict=True):
+                p.grad = None if grad is None else grad.to(p.device)
+        if aside is None:
+            return output, mine
+        with torch.no_grad():
+            summed = [
+                new if held is None else held if new is None else held.to(new.device).add_(new)
+                for held, new in zip(aside, mine, strict=True)
+            ]
+        return output, summed
+
+    def add_gradients(self, adapter_id: str, grads: Sequence[torch.Tensor | None]) -> None:
+        """Add gradients set aside by ``forward_backward_aside`` to the adapter's accumulated ones."""
+        params = list(self.adapters.get(adapter_id).parameters())
+        with torch.no_grad():
+            for p, grad in zip(params, grads, strict=True):
+                if grad is None:
+                    continue
+                p.grad = grad.to(p.device) if p.grad is None else p.grad.add_(grad.to(p.device))
+
     @contextmanager
     def _step_gradients(self, adapter_ids: Iterable[str]) -> Iterator[None]:
         """Run a step into fresh gradients; add the earlier ones back after it, or restore them if it fails.

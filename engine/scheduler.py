@@ -17,7 +17,8 @@ is returned (``RunBarrier``) before any slice, round robin over adapters.
 Slices. A ``DecodeSlice`` admits samples into the running decode batch (their rows within
 ``free_decode_rows``) and runs ``decode_steps_per_slice`` steps; its admit list may be empty while
 earlier samples still decode. A ``TrainSlice`` packs ``forward_backward`` items of many adapters under
-``train_token_budget`` padded tokens; an item larger than the budget runs alone rather than never.
+``train_token_budget`` padded tokens; an item larger than the budget runs alone rather than never (the
+engine cuts a ``forward_backward`` over the budget into parts first, ``engine.split_calls``).
 When both kinds have work the slices alternate, so neither sampling nor training latency can starve
 the other; when only one has, it runs back to back.
 

@@ -17,9 +17,15 @@ def test_bench_fairness_prints_its_json(tiny_model_path: Path, capsys: pytest.Ca
     assert main([*argv, "--no-docs", "--json", "--model", str(tiny_model_path)]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["workload"]["flood_requests"] == 8 and result["workload"]["tenants"] == 1  # flags over --quick
-    for phase in ("solo", "flood", "tenants_phase"):
+    for phase in ("solo", "flood", "train_flood", "tenants_phase"):
         assert result[phase]["steps"] == 2 and 0 < result[phase]["median_s"] <= result[phase]["p90_s"], phase
-    assert result["slowdown_flood"] > 0 and result["slowdown_tenants"] > 0
+    assert result["slowdown_flood"] > 0 and result["slowdown_tenants"] > 0 and result["slowdown_train_flood"] > 0
+    # The training flood trained while the victim ran (each loop's calls span several 8192-token slices).
+    w = result["workload"]
+    per_call = w["train_flood_datums"] * w["train_flood_tokens"]
+    assert result["train_flooder"]["tokens"] >= w["train_flood_loops"] * per_call
+    assert per_call > 8192 and result["train_flooder"]["tokens_per_s"] > 0
+    assert result["engine_train_slice_tokens"] is None
     flooder = result["flooder"]
     assert flooder["answered"] == 8 and flooder["quota_refused"] == 0 and flooder["other_errors"] == {}
     assert 0 < flooder["tokens"] <= 8 * result["workload"]["flood_n"] * result["workload"]["flood_tokens"]

@@ -777,6 +777,7 @@ def engine_config(settings: ServiceConfig) -> EngineConfig:
     """The engine's own settings, out of the service's."""
     from hotlora.engine.core import EngineConfig
     from hotlora.engine.runner import RunnerConfig
+    from hotlora.engine.scheduler import SchedulerPolicy
     from hotlora.engine.vllm_sampler import VllmSettings
 
     return EngineConfig(
@@ -790,6 +791,7 @@ def engine_config(settings: ServiceConfig) -> EngineConfig:
             kv_cache_bytes=settings.vllm_kv_cache_bytes,
         ),
         max_kv_bytes=settings.max_kv_bytes,
+        scheduler=SchedulerPolicy(train_token_budget=settings.train_slice_tokens),
         runner=RunnerConfig(
             token_budget=settings.token_budget,
             resident_slots=settings.resident_slots,

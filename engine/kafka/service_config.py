@@ -51,6 +51,8 @@ class ServiceConfig:
     resident_memory_fraction: float = 0.25
     max_kv_bytes: int | None = None  # the native sampler's KV-cache bound; None: half the free GPU memory
     token_budget: int = 8192  # padded tokens per training micro-batch
+    # Padded tokens per training slice; a forward_backward over it runs as parts (engine.split_calls).
+    train_slice_tokens: int = 8192
     gradient_checkpointing: int = 0  # 1: recompute each decoder layer's activations in the backward
     sampler: str = "native"
     vllm_max_loras: int = 8
@@ -131,6 +133,8 @@ _FLAGS: dict[str, str] = {
     "max_kv_bytes": "native sampler: KV-cache bound in bytes; requests wait until their rows fit (default: half the "
     "GPU memory free at start; no bound on CPU)",
     "token_budget": "padded tokens per training micro-batch (default 8192)",
+    "train_slice_tokens": "padded tokens per training slice; a larger forward_backward runs as parts, with other "
+    "tenants' sampling and training between them (default 8192)",
     "gradient_checkpointing": "1: recompute each decoder layer's activations in the backward, for less memory "
     "(default 0)",
     "sampler": "rollout backend: native, vllm, or auto (vllm when it imports) (default native)",

@@ -11,11 +11,17 @@ phases:
    n=``--flood-n``, ``--flood-tokens`` tokens in flight at once (what one large eval sends); the
    flooder's own throughput, its share of the decode rows while both sample (the engine's
    ``hotlora_decode_rows`` gauge, scraped every 50 ms) and its ``quota_exceeded`` refusals are reported;
-3. **tenants**: while ``--tenants`` ordinary tenants run the same RL loop as the victim.
+3. **train flood**: while the flooder trains, ``--train-flood-loops`` loops each sending one
+   ``forward_backward`` of ``--train-flood-datums`` datums x ``--train-flood-tokens`` tokens after
+   another (a big batch, many training slices long: the engine runs it as parts, with the victim's work
+   between them; ``--train-slice-tokens`` sets the engine's slice, and a huge one shows the unsplit
+   engine);
+4. **tenants**: while ``--tenants`` ordinary tenants run the same RL loop as the victim.
 
 Reported: median and p90 step latency per phase, the victim's slowdown (phase median / solo median),
-the flooder's tokens/s and row share, and the engine's RSS before the flood, its peak and after it.
-Targets (issue 18, the 2-core CPU): slowdown under the flood <= 2.5x, flooder share >= 1/3.
+the flooder's tokens/s and row share, its training tokens/s, and the engine's RSS before the flood, its
+peak and after it. Targets (issue 18, the 2-core CPU): slowdown under the flood <= 2.5x, flooder share
+>= 1/3.
 ``--quick`` shrinks every phase for a smoke test.
 """
 
@@ -48,7 +54,8 @@ DOCS_INTRO = """## `hotlora bench fairness`
 
 A victim tenant's RL step (concurrent `sample`s, then `forward_backward` and `optim_step`) timed alone,
 under a flooding tenant (hundreds of wide, long samples in flight at once), and among ordinary tenants
-running the same loop, on one default `hotlora engine`. The slowdown is each phase's median over the
+running the same loop, on one default `hotlora engine`; since 2026-12-05 also under a training flood
+(back-to-back `forward_backward` calls of many training slices each). The slowdown is each phase's median over the
 solo median; the flooder's row share is its share of the decode rows in the decode steps both tenants
 ran in, over the victim's steps (the engine's `hotlora_shared_decode_row_steps` counters). Targets on a
 2-core CPU: slowdown under the flood <= 2.5x with the flooder keeping >= 1/3 of the rows.
@@ -65,6 +72,9 @@ class FairnessConfig:
     flood_n: int = 16
     flood_tokens: int = 64
     tenants: int = 7
+    train_flood_loops: int = 2
+    train_flood_datums: int = 256
+    train_flood_tokens: int = 64
     prompt_tokens: int = 8
     rank: int = 8
     request_timeout: float = 1800.0  # the flood's last requests wait behind its first ones
@@ -72,7 +82,10 @@ class FairnessConfig:
 
     @classmethod
     def quick(cls) -> FairnessConfig:
-        return cls(steps=3, flood_requests=24, flood_n=8, flood_tokens=32, tenants=2, victim_tokens=8)
+        return cls(
+            steps=3, flood_requests=24, flood_n=8, flood_tokens=32, tenants=2, victim_tokens=8, train_flood_datums=128,
+            train_flood_tokens=96,
+        )  # fmt: skip
 
 
 def free_port() -> int:
@@ -127,7 +140,20 @@ async def rl_step(client: Any, adapter_id: str, cfg: FairnessConfig, rng: random
     return time.perf_counter() - started
 
 
-async def measure(cfg: FairnessConfig, bootstrap: str | None, model: str, console: Console) -> dict[str, Any]:
+def training_datums(rng: random.Random, count: int, length: int, vocab: int) -> list[Any]:
+    """``count`` cross-entropy datums of ``length`` random tokens (the training flood's batch)."""
+    from hotlora.engine.types import Datum
+
+    datums = []
+    for _ in range(count):
+        tokens = [rng.randrange(3, vocab) for _ in range(length + 1)]
+        datums.append(Datum.create(tokens[:-1], tokens[1:], [1.0] * length))
+    return datums
+
+
+async def measure(
+    cfg: FairnessConfig, bootstrap: str | None, model: str, console: Console, train_slice_tokens: int | None = None
+) -> dict[str, Any]:
     from hotlora.agents import HotLoraClient
     from hotlora.agents.readiness import wait_for_engine
     from hotlora.demo import reap, terminate
@@ -158,6 +184,7 @@ async def measure(cfg: FairnessConfig, bootstrap: str | None, model: str, consol
             sys.executable, "-m", "hotlora.cli", "engine", "--bootstrap", address, "--model", model,
             "--topic-prefix", prefix, "--checkpoint-dir", str(workdir), "--heartbeat-interval", "1",
             "--metrics-port", str(port), "--log-level", "warning",
+            *(["--train-slice-tokens", str(train_slice_tokens)] if train_slice_tokens else []),
             stdout=asyncio.subprocess.DEVNULL, stderr=(workdir / "engine.log").open("wb"),
         )  # fmt: skip
         with console.status("waiting for the engine's heartbeat"):
@@ -231,6 +258,27 @@ async def measure(cfg: FairnessConfig, bootstrap: str | None, model: str, consol
             await watcher
         rss_after = rss_bytes(engine.pid) / MIB
 
+        # ----- training flood -----
+        trained = asyncio.Event()
+        train_tokens = [0]
+
+        async def train_loop(i: int) -> None:
+            local = random.Random(cfg.seed * 7919 + i)
+            while not trained.is_set():
+                batch = training_datums(local, cfg.train_flood_datums, cfg.train_flood_tokens, vocab)
+                await flooder.forward_backward("flooder", batch, "cross_entropy")
+                train_tokens[0] += cfg.train_flood_datums * cfg.train_flood_tokens
+
+        calls = f"{cfg.train_flood_datums} x {cfg.train_flood_tokens} tokens"
+        with console.status(f"train flood: {cfg.train_flood_loops} loops of forward_backward({calls})"):
+            train_started = time.perf_counter()
+            loops = [asyncio.create_task(train_loop(i)) for i in range(cfg.train_flood_loops)]
+            await asyncio.sleep(0)
+            train_flooded = await victim_steps()
+            trained.set()
+            await asyncio.gather(*loops)
+            train_s = time.perf_counter() - train_started
+
         # ----- ordinary tenants -----
         busy = asyncio.Event()
 
@@ -257,6 +305,7 @@ async def measure(cfg: FairnessConfig, bootstrap: str | None, model: str, consol
             broker.stop()
 
     solo_s, flood_sum, crowd_sum = _summary(solo), _summary(flooded), _summary(crowded)
+    train_sum = _summary(train_flooded)
     grown = {a: shared_after.get(a, 0.0) - shared_before.get(a, 0.0) for a in ("flooder", "victim")}
     contended = grown["flooder"] + grown["victim"]
     return {
@@ -264,7 +313,9 @@ async def measure(cfg: FairnessConfig, bootstrap: str | None, model: str, consol
         "solo": solo_s,
         "flood": flood_sum,
         "tenants_phase": crowd_sum,
+        "train_flood": train_sum,
         "slowdown_flood": round(flood_sum["median_s"] / solo_s["median_s"], 3),
+        "slowdown_train_flood": round(train_sum["median_s"] / solo_s["median_s"], 3),
         "slowdown_tenants": round(crowd_sum["median_s"] / solo_s["median_s"], 3),
         "flooder": {
             "requests": cfg.flood_requests,
@@ -280,6 +331,12 @@ async def measure(cfg: FairnessConfig, bootstrap: str | None, model: str, consol
             "row_share": round(grown["flooder"] / contended, 3) if contended else None,
             "contended_row_steps": int(contended),
         },
+        "train_flooder": {
+            "tokens": train_tokens[0],
+            "tokens_per_s": round(train_tokens[0] / train_s, 1),
+            "seconds": round(train_s, 2),
+        },
+        "engine_train_slice_tokens": train_slice_tokens,  # None: the engine's default
         "ordinary_tenant_steps": other_steps,
         "rss_before_flood_mib": round(rss_before, 1),
         "rss_peak_mib": round(peak[0], 1),
@@ -291,7 +348,8 @@ async def measure(cfg: FairnessConfig, bootstrap: str | None, model: str, consol
 
 
 def markdown_section(result: dict[str, Any]) -> str:
-    m, w, f = result["machine"], result["workload"], result["flooder"]
+    m, w, f, t = result["machine"], result["workload"], result["flooder"], result["train_flooder"]
+    slice_tokens = result["engine_train_slice_tokens"] or "default (8192)"
     share = "-" if f["row_share"] is None else f"{f['row_share']:.2f}"
     return (
         f"### fairness: {result['timestamp']}\n\n"
@@ -299,18 +357,22 @@ def markdown_section(result: dict[str, Any]) -> str:
         f"- machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}; broker: {result['broker']}\n"
         f"- victim step: {w['victim_samples']} samples of n={w['victim_n']} x {w['victim_tokens']} tokens, then "
         f"`forward_backward` + `optim_step`, {w['steps']} steps per phase; flood: {w['flood_requests']} samples of "
-        f"n={w['flood_n']} x {w['flood_tokens']} tokens at once; {w['tenants']} ordinary tenants; model "
-        f"`{result['model']}`\n\n"
+        f"n={w['flood_n']} x {w['flood_tokens']} tokens at once; training flood: {w['train_flood_loops']} loops of "
+        f"`forward_backward` ({w['train_flood_datums']} datums x {w['train_flood_tokens']} tokens); engine "
+        f"`--train-slice-tokens` {slice_tokens}; {w['tenants']} ordinary tenants; model `{result['model']}`\n\n"
         "| phase | median s | p90 s | slowdown |\n|---|---:|---:|---:|\n"
         f"| solo | {result['solo']['median_s']:.3f} | {result['solo']['p90_s']:.3f} | 1.00 |\n"
         f"| flood | {result['flood']['median_s']:.3f} | {result['flood']['p90_s']:.3f} | "
         f"{result['slowdown_flood']:.2f} |\n"
+        f"| train flood | {result['train_flood']['median_s']:.3f} | {result['train_flood']['p90_s']:.3f} | "
+        f"{result['slowdown_train_flood']:.2f} |\n"
         f"| {w['tenants']} tenants | {result['tenants_phase']['median_s']:.3f} | "
         f"{result['tenants_phase']['p90_s']:.3f} | {result['slowdown_tenants']:.2f} |\n\n"
         "| flooder answered | quota refused | tokens/s | tokens/s while victim ran | row share |\n"
         "|---:|---:|---:|---:|---:|\n"
         f"| {f['answered']} | {f['quota_refused']} | {f['tokens_per_s']:,.0f} | {f['tokens_per_s_during_victim']:,.0f} "
         f"| {share} |\n\n"
+        f"Training flood: {t['tokens_per_s']:,.0f} tokens/s trained over the phase.\n\n"
         f"Engine RSS: {result['rss_before_flood_mib']:,.1f} MiB before the flood, peak {result['rss_peak_mib']:,.1f}, "
         f"{result['rss_after_flood_mib']:,.1f} after it, {result['rss_end_mib']:,.1f} at the end.\n"
     )
@@ -328,7 +390,10 @@ _FLAGS = {
     "flood_requests": "flood samples in flight at once (configurable flood size)",
     "flood_n": "n per flood sample",
     "flood_tokens": "max_tokens per flood sample",
-    "tenants": "ordinary tenants of the third phase",
+    "tenants": "ordinary tenants of the last phase",
+    "train_flood_loops": "training flood: loops, each sending one forward_backward after another",
+    "train_flood_datums": "training flood: datums per forward_backward",
+    "train_flood_tokens": "training flood: tokens per datum",
 }
 
 
@@ -337,6 +402,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for name, text in _FLAGS.items():
         flag = f"--{name.replace('_', '-')}"
         parser.add_argument(flag, type=int, default=None, help=f"{text} (default {getattr(d, name)})")
+    parser.add_argument(
+        "--train-slice-tokens", type=int, default=None,
+        help="the engine's --train-slice-tokens (default: its own, 8192); a huge value runs the unsplit engine",
+    )  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="small phases: a smoke test (explicit flags still win)")
     parser.add_argument("--json", action="store_true", help="print the results as one JSON object on stdout")
     parser.add_argument("--bootstrap", default=os.environ.get("HOTLORA_BOOTSTRAP"), help="use this broker")
@@ -354,6 +423,8 @@ def config_from(args: argparse.Namespace) -> FairnessConfig:
     for name in _FLAGS:
         if getattr(cfg, name) < (0 if name == "tenants" else 1):
             raise SystemExit(f"error: --{name.replace('_', '-')} must be >= {0 if name == 'tenants' else 1}")
+    if args.train_slice_tokens is not None and args.train_slice_tokens < 1:
+        raise SystemExit("error: --train-slice-tokens must be >= 1")
     return cfg
 
 
@@ -367,11 +438,12 @@ def main(args: argparse.Namespace) -> int:
     command = typed_command("fairness", "hotlora bench fairness")
     result: dict[str, Any] = {**result_header("fairness", command, torch.device("cpu")), "model": model}
     with logs_off_stdout(args.json):
-        result.update(run(measure(cfg, args.bootstrap, model, console)))
+        result.update(run(measure(cfg, args.bootstrap, model, console, args.train_slice_tokens)))
     f = result["flooder"]
     console.print(
         f"victim median step: solo {result['solo']['median_s']:.3f} s, flood {result['flood']['median_s']:.3f} s "
-        f"({result['slowdown_flood']:.2f}x), {cfg.tenants} tenants {result['tenants_phase']['median_s']:.3f} s "
+        f"({result['slowdown_flood']:.2f}x), train flood {result['train_flood']['median_s']:.3f} s "
+        f"({result['slowdown_train_flood']:.2f}x), {cfg.tenants} tenants {result['tenants_phase']['median_s']:.3f} s "
         f"({result['slowdown_tenants']:.2f}x); flooder {f['tokens_per_s']:,.0f} tok/s, row share {f['row_share']}, "
         f"{f['quota_refused']} refused; engine RSS {result['rss_before_flood_mib']:,.0f} -> peak "
         f"{result['rss_peak_mib']:,.0f} -> {result['rss_after_flood_mib']:,.0f} MiB"
