@@ -147,9 +147,18 @@ class Engine(Verbs):
         self._closing = False
         self._rollouts: set[asyncio.Task[None]] = set()
         self.steps_run = 0  # steps executed so far (heartbeats and tests read it)
-        # Set by ``submit``: a decode slice in progress ends after its current step, so new work (a
-        # newcomer's sample, a forward_backward or barrier waiting behind the slice) is scheduled at once.
+        # Set by ``submit`` of a sample or a barrier: a decode slice in progress ends after its current
+        # step, so the newcomer is admitted (or the barrier run) at once. A forward_backward does not cut
+        # sampling short: it waits for the decode slice, which is bounded by the time training last had.
         self._preempt = threading.Event()
+        # Time balance between the kinds while both have work: a decode slice may run past its steps for
+        # as long as the last training slice took (less the sampling done since), and a decode slice cut
+        # short for a newcomer is followed by another while that time lasts. Without it, a training flood
+        # of 0.4 s slices left sampling one 8-step slice (~30 ms) per slice: a 16-token sample took 3
+        # training slices. Written by the worker (the decode slice) and the loop, never at once.
+        self._train_seconds = 0.0
+        self._decode_since_train = 0.0
+        self._decode_cut = False
         # (decoding, paused) rows per scheduler adapter id after the last decode slice: written by the
         # worker (one dict assignment), read by metrics and status on the event loop.
         self.tenant_rows: dict[str, tuple[int, int]] = {}
@@ -229,7 +238,8 @@ class Engine(Verbs):
         if isinstance(request, CreateAdapter):
             self.scheduler.set_weight(request.adapter_id, request.weight)
         self._futures[request.request_id] = future
-        self._preempt.set()
+        if not isinstance(request, ForwardBackward):
+            self._preempt.set()
         self._wake.set()
         return await future
 
@@ -273,7 +283,8 @@ class Engine(Verbs):
     async def _busy_loop(self) -> None:
         while not self._closing:
             free_rows = max(0, self.admission_rows - self.scheduler.running_rows)
-            step = self.scheduler.next_step(free_rows)
+            more_decode = self._decode_cut and self._decode_since_train < self._train_seconds
+            step = self.scheduler.next_step(free_rows, continue_decode=more_decode)
             if isinstance(step, Idle):
                 self._wake.clear()
                 await self._wake.wait()
@@ -289,6 +300,10 @@ class Engine(Verbs):
             self._preempt.clear()  # what is submitted from now on may cut this step's decode slice short
             started = time.perf_counter()
             done = await self._run_in_worker(self._execute, step)
+            if isinstance(step, TrainSlice):
+                self._train_seconds, self._decode_since_train = time.perf_counter() - started, 0.0
+            elif isinstance(step, DecodeSlice):
+                self._decode_since_train += time.perf_counter() - started
             if metrics is not None:
                 metrics.step_finished(step, time.perf_counter() - started, self.runner.adapters)
                 metrics.observe_tenants(self.scheduler, self.tenant_rows, self.row_steps)
@@ -483,8 +498,10 @@ class Engine(Verbs):
     def _run_decode(self, step: DecodeSlice, done: Done) -> None:
         """Admit, then decode; ``done`` fills as requests finish, so a later failure loses none of them.
 
-        The slice ends early, after any step, once a request is submitted: a newcomer then waits for one
-        decode step, not for ``decode_steps_per_slice`` of them, before the scheduler sees it.
+        The slice ends early, after any step, once a sample or a barrier is submitted: a newcomer then waits
+        for one decode step, not for ``decode_steps_per_slice`` of them, before the scheduler sees it. It
+        runs past its steps while sampling has had less time than the last training slice (see
+        ``_train_seconds``), so sampling and training share the model's time, not its slices.
         """
         assert self.sampler is not None
         for item in step.admit:
@@ -494,13 +511,22 @@ class Engine(Verbs):
                 self.sampler.add(request)
             except HotLoraError as err:
                 done.append((item.request_id, err))
-        for _ in range(step.steps):
+        self._decode_cut = False
+        budget = self._train_seconds - self._decode_since_train
+        started, steps = time.perf_counter(), 0
+        while True:
             for request_id, sequences in self.sampler.step():
                 version = sequences[0].adapter_version if sequences else 0
                 done.append((request_id, SampleOutput(sequences, version)))
             done.extend(self.sampler.pop_failures().items())
-            if not self.sampler.has_unfinished() or self._preempt.is_set():
-                break  # done, or new work arrived: the scheduler decides again (at least one step ran)
+            steps += 1
+            if not self.sampler.has_unfinished():
+                break
+            if self._preempt.is_set():
+                self._decode_cut = True  # a newcomer: the scheduler decides again (at least one step ran)
+                break
+            if steps >= step.steps and time.perf_counter() - started >= budget:
+                break
         rows = self.sampler.tenant_rows()
         self.tenant_rows = {(adapter or BASE_ADAPTER): held for adapter, held in rows.items()}
         self.row_steps = {

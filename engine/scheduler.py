@@ -402,7 +402,10 @@ class Scheduler:
 
     # -- decisions ---------------------------------------------------------------------------------
 
-    def next_step(self, free_decode_rows: int) -> Step:
+    def next_step(self, free_decode_rows: int, continue_decode: bool = False) -> Step:
+        """The next step. ``continue_decode``: the engine cut the last decode slice short for a newcomer
+        while sampling still had time owed (it had less time than the last training slice): sample again
+        before training's turn. The engine bounds it by time, so training still runs in turn."""
         if free_decode_rows < 0:
             raise ValueError(f"free_decode_rows must be >= 0, got {free_decode_rows}")
         barrier = self._take_barrier()
@@ -412,7 +415,7 @@ class Scheduler:
         decoding_here = self._running_rows > 0 and not self.policy.decode_in_background
         decode_ready = decoding_here or self._any_eligible(WorkKind.SAMPLE)
         train_ready = self._any_eligible(WorkKind.FORWARD_BACKWARD)
-        decode_first = self._last_slice is not WorkKind.SAMPLE
+        decode_first = continue_decode or self._last_slice is not WorkKind.SAMPLE
         for decode in (decode_first, not decode_first):
             if decode and decode_ready:
                 admit = self._decode.fill(

@@ -11,8 +11,8 @@ import asyncio
 from hotlora.engine.core import Engine, EngineConfig
 from hotlora.engine.runner import ModelRunner
 from hotlora.engine.sampler import NativeSampler
-from hotlora.engine.scheduler import SchedulerPolicy
-from hotlora.engine.types import LoraSpec, SamplingParams
+from hotlora.engine.scheduler import SchedulerPolicy, Step, TrainSlice
+from hotlora.engine.types import Datum, LoraSpec, SamplingParams
 
 WAIT_S = 120.0  # every wait is bounded; a healthy run takes a few seconds
 FLOOD_TOKENS = 64
@@ -91,5 +91,52 @@ def test_one_adapter_cannot_take_every_admission_row(runner: ModelRunner) -> Non
             assert engine.scheduler.adapter_rows("flood") <= 8
             assert engine.scheduler.pending("flood") >= 8 - 2  # the rest waits in the scheduler, not in rows
             await asyncio.wait_for(asyncio.gather(*flood), WAIT_S)
+
+    asyncio.run(asyncio.wait_for(main(), WAIT_S * 2))
+
+
+def test_a_training_flood_leaves_sampling_its_time(runner: ModelRunner) -> None:
+    """A tenant sends forward_backward calls of several training slices back to back; another tenant's
+    16-token sample, at 2 decode steps per slice, would alternate with those slices: 8 decode slices and
+    7 training slices between its submission and its result. Sampling now gets as much time as the last
+    training slice took (a few decode steps take far less than 8192 tokens of training), so at most 2
+    training slices run before the sample is answered: the one in flight when it arrives, and one more
+    if it lands between a decode slice and the next training slice."""
+
+    async def main() -> None:
+        policy = SchedulerPolicy(decode_steps_per_slice=2)
+        async with Engine(runner, EngineConfig(max_decode_rows=8, scheduler=policy)) as engine:
+            await engine.create_adapter("flood", LoraSpec(rank=4, seed=1))
+            await engine.create_adapter("victim", LoraSpec(rank=4, seed=2))
+            trained: list[int] = []
+            execute = engine._execute
+
+            def counting(step: Step) -> object:
+                if isinstance(step, TrainSlice):
+                    trained.append(sum(item.tokens for item in step.items))
+                return execute(step)
+
+            engine._execute = counting  # type: ignore[method-assign,assignment]
+            vocab, stop = runner.base.vocab_size, asyncio.Event()
+
+            async def flood(k: int) -> None:
+                tokens = [3 + (k * 13 + j) % (vocab - 3) for j in range(65)]
+                batch = [Datum.create(tokens[:-1], tokens[1:], [1.0] * 64) for _ in range(256)]  # 2 slices
+                while not stop.is_set():
+                    await engine.forward_backward("flood", batch)
+
+            loops = [asyncio.create_task(flood(k)) for k in range(2)]
+            try:
+                await _until("the flood to run a training slice", lambda: len(trained) >= 1)
+                before = len(trained)
+                params = SamplingParams(max_tokens=16, temperature=0.0)
+                out = await asyncio.wait_for(engine.sample("victim", [5, 6, 7], n=1, params=params), WAIT_S)
+                assert len(out.sequences[0].tokens) == 16
+                waited = len(trained) - before
+                assert waited <= 2, f"{waited} training slices ran while the sample waited"
+            finally:
+                stop.set()
+                await asyncio.wait_for(asyncio.gather(*loops), WAIT_S)
+            assert max(trained) == 8192  # the flood's calls ran as slice-sized parts
 
     asyncio.run(asyncio.wait_for(main(), WAIT_S * 2))
