@@ -147,13 +147,13 @@ class Engine(Verbs):
         self._closing = False
         self._rollouts: set[asyncio.Task[None]] = set()
         self.steps_run = 0  # steps executed so far (heartbeats and tests read it)
-        # Set by ``submit`` of a sample or a barrier: a decode slice in progress ends after its current
-        # step, so the newcomer is admitted (or the barrier run) at once. A forward_backward does not cut
-        # sampling short: it waits for the decode slice, which is bounded by the time training last had.
+        # Set by ``submit``: a decode slice in progress ends after its current step, so new work (a
+        # newcomer's sample, a forward_backward or barrier waiting behind the slice) is scheduled at once.
         self._preempt = threading.Event()
         # Time balance between the kinds while both have work: a decode slice may run past its steps for
         # as long as the last training slice took (less the sampling done since), and a decode slice cut
-        # short for a newcomer is followed by another while that time lasts. Without it, a training flood
+        # short by a newcomer is followed by another while that time lasts (the newcomer, a sample, is
+        # admitted; a forward_backward waits for sampling's time to run out). Without it, a training flood
         # of 0.4 s slices left sampling one 8-step slice (~30 ms) per slice: a 16-token sample took 3
         # training slices. Written by the worker (the decode slice) and the loop, never at once.
         self._train_seconds = 0.0
@@ -238,8 +238,7 @@ class Engine(Verbs):
         if isinstance(request, CreateAdapter):
             self.scheduler.set_weight(request.adapter_id, request.weight)
         self._futures[request.request_id] = future
-        if not isinstance(request, ForwardBackward):
-            self._preempt.set()
+        self._preempt.set()
         self._wake.set()
         return await future
 
@@ -498,8 +497,8 @@ class Engine(Verbs):
     def _run_decode(self, step: DecodeSlice, done: Done) -> None:
         """Admit, then decode; ``done`` fills as requests finish, so a later failure loses none of them.
 
-        The slice ends early, after any step, once a sample or a barrier is submitted: a newcomer then waits
-        for one decode step, not for ``decode_steps_per_slice`` of them, before the scheduler sees it. It
+        The slice ends early, after any step, once a request is submitted: a newcomer then waits for one
+        decode step, not for ``decode_steps_per_slice`` of them, before the scheduler sees it. It
         runs past its steps while sampling has had less time than the last training slice (see
         ``_train_seconds``), so sampling and training share the model's time, not its slices.
         """
