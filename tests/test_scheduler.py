@@ -498,3 +498,21 @@ def test_rejects_bad_input() -> None:
         scheduler.complete("r")  # queued, not running
     with pytest.raises(ValueError):
         SchedulerPolicy(train_token_budget=0)
+
+
+def test_a_full_slice_does_not_prepay_the_next_visit() -> None:
+    """A tenant whose work arrives while a big item's slice runs goes first in the next slice: the full
+    slice did not grant the big items' next rounds in advance (it once did, and the newcomer's small
+    forward_backward waited behind one more big part)."""
+    sched = Scheduler(SchedulerPolicy(train_token_budget=8192, quantum_tokens=1024))
+    for n in range(3):
+        sched.submit(item(f"part{n}", "flood", FB, 8192))
+    first = sched.next_step(free_decode_rows=0)
+    assert isinstance(first, TrainSlice) and [i.request_id for i in first.items] == ["part0"]
+    sched.complete("part0")
+    sched.submit(item("small", "victim", FB, 368))
+    second = sched.next_step(free_decode_rows=0)
+    assert isinstance(second, TrainSlice) and [i.request_id for i in second.items] == ["small"]
+    sched.complete("small")
+    third = sched.next_step(free_decode_rows=0)
+    assert isinstance(third, TrainSlice) and [i.request_id for i in third.items] == ["part1"]
