@@ -36,6 +36,19 @@ def make_engine(path: Path, budget: int) -> Engine:
     return Engine(runner, config)
 
 
+async def primed(engine: Engine) -> list[torch.Tensor]:
+    """Adapter "a" with both LoRA factors nonzero and an earlier call's gradient: what a split call adds
+    to (or, failing, must leave exactly as it was). Returns that gradient."""
+    await engine.create_adapter("a", LoraSpec(rank=4, seed=1))
+    perturb_b(engine.runner, "a", seed=2)
+    await engine.forward_backward("a", datums(7, count=2), "importance_sampling")
+    return grads(engine.runner, "a")
+
+
+def unchanged(runner: ModelRunner, before: list[torch.Tensor]) -> bool:
+    return all(torch.equal(a, b) for a, b in zip(grads(runner, "a"), before, strict=True))
+
+
 def test_split_datums_keeps_order_and_budget() -> None:
     lengths = [10, 30, 5, 5, 40, 200, 3, 3, 3]
     items = [Datum.create(list(range(n)), list(range(n)), [1.0] * n) for n in lengths]
@@ -53,10 +66,7 @@ def test_split_datums_keeps_order_and_budget() -> None:
 def test_split_call_gives_the_unsplit_answer_and_gradient(tiny_model_path: Path) -> None:
     async def run(budget: int) -> tuple[list[float], list[torch.Tensor], list[torch.Tensor], int]:
         async with make_engine(tiny_model_path, budget) as engine:
-            await engine.create_adapter("a", LoraSpec(rank=4, seed=1))
-            perturb_b(engine.runner, "a", seed=2)
-            # An earlier call's gradient is there already: the split call adds to it, as an unsplit one would.
-            await engine.forward_backward("a", datums(7, count=2), "importance_sampling")
+            await primed(engine)  # the split call adds to an earlier gradient, as an unsplit one would
             out = await engine.forward_backward("a", datums(3), "importance_sampling")
             return out.losses, out.logprobs, grads(engine.runner, "a"), out.num_tokens
 
@@ -110,10 +120,7 @@ def test_other_tenants_run_between_the_parts(tiny_model_path: Path) -> None:
 def test_a_failed_part_fails_the_call_and_leaves_the_gradient_alone(tiny_model_path: Path) -> None:
     async def main() -> None:
         async with make_engine(tiny_model_path, BUDGET) as engine:
-            await engine.create_adapter("a", LoraSpec(rank=4, seed=1))
-            perturb_b(engine.runner, "a", seed=2)
-            await engine.forward_backward("a", datums(7, count=2), "importance_sampling")
-            before = grads(engine.runner, "a")
+            before = await primed(engine)
             runner = engine.runner
             real, calls = runner._run_calls, []
             fail_at = 3
@@ -127,8 +134,7 @@ def test_a_failed_part_fails_the_call_and_leaves_the_gradient_alone(tiny_model_p
             runner._run_calls = failing  # type: ignore[method-assign]
             with pytest.raises(InternalError, match="injected"):
                 await engine.forward_backward("a", datums(3), "importance_sampling")
-            assert len(calls) == 3  # the parts after the failed one never ran
-            assert all(torch.equal(a, b) for a, b in zip(grads(runner, "a"), before, strict=True))
+            assert len(calls) == 3 and unchanged(runner, before)  # the parts after the failed one never ran
 
             # A bad datum in the last part refuses the call before any part runs.
             calls.clear()
@@ -138,8 +144,7 @@ def test_a_failed_part_fails_the_call_and_leaves_the_gradient_alone(tiny_model_p
             bad[-1] = Datum.create([1, 2, vocab], [2, 3, 4], [1.0, 1.0, 1.0], [0.0] * 3, [1.0] * 3)
             with pytest.raises(InvalidRequest, match="outside the vocabulary"):
                 await engine.forward_backward("a", bad, "importance_sampling")
-            assert calls == []
-            assert all(torch.equal(a, b) for a, b in zip(grads(runner, "a"), before, strict=True))
+            assert calls == [] and unchanged(runner, before)
             # The engine goes on: the same call without the bad datum trains, in parts.
             out = await engine.forward_backward("a", bad[:-1], "importance_sampling")
             assert len(out.losses) == len(bad) - 1 and len(calls) == len(split_datums(bad[:-1], BUDGET))
@@ -150,13 +155,9 @@ def test_a_failed_part_fails_the_call_and_leaves_the_gradient_alone(tiny_model_p
 def test_forward_only_parts_touch_no_gradient(tiny_model_path: Path) -> None:
     async def main() -> None:
         async with make_engine(tiny_model_path, BUDGET) as engine:
-            await engine.create_adapter("a", LoraSpec(rank=4, seed=1))
-            perturb_b(engine.runner, "a", seed=2)
-            await engine.forward_backward("a", datums(7, count=2), "importance_sampling")
-            before = grads(engine.runner, "a")
+            before = await primed(engine)
             call = ForwardBackward("a", datums(3), "importance_sampling", forward_only=True)
             out = await engine.submit(call)
-            assert len(out.losses) == 12
-            assert all(torch.equal(a, b) for a, b in zip(grads(engine.runner, "a"), before, strict=True))
+            assert len(out.losses) == 12 and unchanged(engine.runner, before)
 
     asyncio.run(main())
