@@ -34,6 +34,10 @@ class EngineView:
     running_rows: int
     max_decode_rows: int
     queued_requests: int
+    # The base model it serves (a fleet must serve one; a mismatch is what an operator looks for first).
+    model_name: str
+    vocab_size: int
+    context_length: int
 
 
 def fold(events: list[object], now_ms: int, window_s: float) -> list[EngineView]:
@@ -54,6 +58,9 @@ def fold(events: list[object], now_ms: int, window_s: float) -> list[EngineView]
             running_rows=beat.running_rows,
             max_decode_rows=beat.max_decode_rows,
             queued_requests=beat.queued_requests,
+            model_name=beat.model_name,
+            vocab_size=beat.vocab_size,
+            context_length=beat.context_length,
         )
         for beat in state.live_engines(now_ms, window_s)
     ]
@@ -76,12 +83,13 @@ async def collect(bootstrap: str, topic_prefix: str, window_s: float) -> list[En
 
 def render(views: list[EngineView], console: Console) -> None:
     engines = Table(title="engines", box=box.SIMPLE_HEAD)
-    for column in ("engine", "state", "seen", "partitions", "adapters", "resident", "rows", "queued"):
+    for column in ("engine", "state", "model", "seen", "partitions", "adapters", "resident", "rows", "queued"):
         engines.add_column(column, no_wrap=True)
     for v in views:
         engines.add_row(
             v.engine_id,
             v.state,
+            v.model_name or "-",
             f"{v.last_seen_s:.1f}s",
             ",".join(map(str, v.partitions)) or "-",
             str(len(v.adapters)),

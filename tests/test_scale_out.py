@@ -144,7 +144,10 @@ def test_each_engine_claims_a_gpu_of_its_own(tmp_path: Path) -> None:
 
 def test_status_folds_each_engines_latest_heartbeat() -> None:
     def beat(engine_id: str, at: int, adapters: list[str], state: str = "running") -> Heartbeat:
-        return Heartbeat(engine_id=engine_id, sent_at_ms=at, adapters=adapters, partitions=[0], state=state)
+        return Heartbeat(
+            engine_id=engine_id, sent_at_ms=at, adapters=adapters, partitions=[0], state=state,
+            model_name=f"org/model-{engine_id}", vocab_size=151_936, context_length=40_960,
+        )  # fmt: skip
 
     events = [
         beat("a", 1_000, ["x", "y"]),
@@ -155,6 +158,10 @@ def test_status_folds_each_engines_latest_heartbeat() -> None:
     ]
     views = fold([*events, Metrics(experiment="x", task="t", step=1)], now_ms=10_000, window_s=5.0)
     assert [v.engine_id for v in views] == ["a", "b"]
+    assert [(v.model_name, v.vocab_size, v.context_length) for v in views] == [
+        ("org/model-a", 151_936, 40_960),
+        ("org/model-b", 151_936, 40_960),
+    ]
     assert owners(views) == {"x": ["a"], "y": ["b"]}
 
 
@@ -189,6 +196,7 @@ def test_engines_join_and_die_mid_run_and_every_experiment_finishes_exactly(
         a: [next(e["engine_id"] for e in status["engines"] if a in e["adapters"])] for a in run.adapter_ids
     }
     assert all(e["resident_slots"] > 0 and e["partitions"] for e in status["engines"])
+    assert all(e["model_name"] and e["vocab_size"] > 0 and e["context_length"] > 0 for e in status["engines"])
 
 
 def test_status_needs_a_broker() -> None:
