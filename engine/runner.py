@@ -186,8 +186,11 @@ class ModelRunner:
         All or nothing for the gradients: if anything fails (say, out of memory in the third
         micro-batch), every adapter's ``.grad`` is left exactly as it was, so a retry counts nothing twice.
         """
-        with self._step_gradients(dict.fromkeys(call.adapter_id for call in calls)):
-            return self._run_calls(calls)
+        params = self._parameters(dict.fromkeys(call.adapter_id for call in calls))
+        with self._gradients_aside(params) as new:
+            outputs = self._run_calls(calls)
+        _add_gradients(params, new)
+        return outputs
 
     def forward_backward_aside(
         self, call: ForwardBackward, aside: list[torch.Tensor | None] | None
@@ -198,16 +201,8 @@ class ModelRunner:
         For the parts of a split call (``engine.split_calls``): their sum reaches the adapter at once,
         with ``add_gradients``, so a part that fails leaves the adapter exactly as it was.
         """
-        params = list(self.adapters.get(call.adapter_id).parameters())
-        earlier = [p.grad for p in params]
-        for p in params:
-            p.grad = None
-        try:
+        with self._gradients_aside(self._parameters([call.adapter_id])) as mine:
             (output,) = self._run_calls([call])
-            mine = [p.grad for p in params]
-        finally:
-            for p, grad in zip(params, earlier, strict=True):
-                p.grad = None if grad is None else grad.to(p.device)
         if aside is None:
             return output, mine
         with torch.no_grad():
@@ -219,37 +214,30 @@ class ModelRunner:
 
     def add_gradients(self, adapter_id: str, grads: Sequence[torch.Tensor | None]) -> None:
         """Add gradients set aside by ``forward_backward_aside`` to the adapter's accumulated ones."""
-        params = list(self.adapters.get(adapter_id).parameters())
-        with torch.no_grad():
-            for p, grad in zip(params, grads, strict=True):
-                if grad is None:
-                    continue
-                p.grad = grad.to(p.device) if p.grad is None else p.grad.add_(grad.to(p.device))
+        _add_gradients(self._parameters([adapter_id]), grads)
 
+    def _parameters(self, adapter_ids: Iterable[str]) -> list[torch.Tensor]:
+        return [p for adapter_id in adapter_ids for p in self.adapters.get(adapter_id).parameters()]
+
+    @staticmethod
     @contextmanager
-    def _step_gradients(self, adapter_ids: Iterable[str]) -> Iterator[None]:
-        """Run a step into fresh gradients; add the earlier ones back after it, or restore them if it fails.
+    def _gradients_aside(params: Sequence[torch.Tensor]) -> Iterator[list[torch.Tensor | None]]:
+        """Run a step into fresh gradients, which the yielded list receives once the step succeeded; the
+        earlier ones are put back afterwards, whether or not it did.
 
         The earlier gradients are held aside, not copied. They stay where they were even if the step
-        offloads their adapter; the sum or the restored tensor goes wherever the parameter is by then.
+        offloads their adapter; the restored tensor goes wherever the parameter is by then.
         """
-        params = [p for adapter_id in adapter_ids for p in self.adapters.get(adapter_id).parameters()]
         earlier = [p.grad for p in params]
         for p in params:
             p.grad = None
+        new: list[torch.Tensor | None] = []
         try:
-            yield
-        except BaseException:
+            yield new
+            new.extend(p.grad for p in params)
+        finally:
             for p, grad in zip(params, earlier, strict=True):
                 p.grad = None if grad is None else grad.to(p.device)
-            raise
-        with torch.no_grad():
-            for p, grad in zip(params, earlier, strict=True):
-                if grad is None:
-                    continue
-                new = p.grad
-                # ``earlier + new`` in that order, as autograd's accumulation would have added them.
-                p.grad = grad.to(p.device) if new is None else grad.to(p.device).add_(new)
 
     def _run_calls(self, calls: Sequence[ForwardBackward], backward: bool = True) -> list[ForwardBackwardOutput]:
         outputs: list[ForwardBackwardOutput | None] = [None] * len(calls)
@@ -456,3 +444,11 @@ def enable_gradient_checkpointing(model: PreTrainedModel) -> list[nn.Module]:
     if not layers:
         raise InvalidRequest(f"{type(model).__name__} has no layers that support gradient checkpointing")
     return layers
+
+
+def _add_gradients(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None]) -> None:
+    """``earlier + new`` per parameter, in that order, as autograd's accumulation would have added them."""
+    with torch.no_grad():
+        for p, grad in zip(params, grads, strict=True):
+            if grad is not None:
+                p.grad = grad.to(p.device) if p.grad is None else p.grad.add_(grad.to(p.device))
