@@ -248,10 +248,7 @@ class Engine(Verbs):
         if taken:
             raise InvalidRequest(f"request_id {taken[0]!r} (a part of {split.call.request_id!r}) is already in flight")
         for part in split.parts:
-            item = WorkItem(
-                part.request_id, part.adapter_id, WorkKind.FORWARD_BACKWARD, call_tokens(part.datums), len(part.datums)
-            )
-            self.scheduler.submit(item)  # refuses only a queued id, checked above
+            self.scheduler.submit(self._work_item(part))  # refuses only a queued id, checked above
             self._requests[part.request_id] = part
             self._splits[part.request_id] = split
 
@@ -299,12 +296,13 @@ class Engine(Verbs):
             self._preempt.clear()  # what is submitted from now on may cut this step's decode slice short
             started = time.perf_counter()
             done = await self._run_in_worker(self._execute, step)
+            elapsed = time.perf_counter() - started
             if isinstance(step, TrainSlice):
-                self._train_seconds, self._decode_since_train = time.perf_counter() - started, 0.0
+                self._train_seconds, self._decode_since_train = elapsed, 0.0
             elif isinstance(step, DecodeSlice):
-                self._decode_since_train += time.perf_counter() - started
+                self._decode_since_train += elapsed
             if metrics is not None:
-                metrics.step_finished(step, time.perf_counter() - started, self.runner.adapters)
+                metrics.step_finished(step, elapsed, self.runner.adapters)
                 metrics.observe_tenants(self.scheduler, self.tenant_rows, self.row_steps)
             if isinstance(step, RunBarrier) and self.rollout is not None:
                 await self._sync_rollout(self._requests.get(step.item.request_id), done)
