@@ -121,7 +121,7 @@ def test_a_training_flood_leaves_sampling_its_time(runner: ModelRunner) -> None:
 
             async def flood(k: int) -> None:
                 tokens = [3 + (k * 13 + j) % (vocab - 3) for j in range(65)]
-                batch = [Datum.create(tokens[:-1], tokens[1:], [1.0] * 64) for _ in range(256)]  # 2 slices
+                batch = [Datum.from_sequence(tokens) for _ in range(256)]  # 64 tokens each: 2 slices
                 while not stop.is_set():
                     await engine.forward_backward("flood", batch)
 

@@ -144,11 +144,7 @@ def training_datums(rng: random.Random, count: int, length: int, vocab: int) -> 
     """``count`` cross-entropy datums of ``length`` random tokens (the training flood's batch)."""
     from hotlora.engine.types import Datum
 
-    datums = []
-    for _ in range(count):
-        tokens = [rng.randrange(3, vocab) for _ in range(length + 1)]
-        datums.append(Datum.create(tokens[:-1], tokens[1:], [1.0] * length))
-    return datums
+    return [Datum.from_sequence([rng.randrange(3, vocab) for _ in range(length + 1)]) for _ in range(count)]
 
 
 async def measure(
